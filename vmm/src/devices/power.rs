@@ -1,0 +1,1 @@
+//! Reset and power-off ports.

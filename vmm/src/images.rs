@@ -1,0 +1,1 @@
+//! Guest images built together with amsvm (the workload unikernel).

@@ -1,0 +1,1 @@
+//! A partition: one KVM VM, its memory, devices and vCPU threads.
