@@ -13,8 +13,11 @@
 pub mod layout {
     /// GDT (and the TSS right after it).
     pub const GDT: u64 = 0x1000;
-    /// Task-state segment, inside the GDT page.
-    pub const TSS: u64 = 0x1800;
+    /// Task-state segment with an I/O permission bitmap that allows every port (8 KiB +
+    /// 1 byte), after the page tables. Port I/O from CPL3 is granted through this bitmap:
+    /// some KVMs (the nested PVM KVM of our machines) do not honour IOPL=3 in guest user
+    /// mode but do honour the bitmap.
+    pub const TSS: u64 = 0xA000;
     /// The boot-info page ([`super::BootInfo`]); `rdi` at entry.
     pub const BOOT_INFO: u64 = 0x2000;
     /// The hypercall mailbox page ([`super::Mailbox`]).
@@ -37,6 +40,15 @@ pub mod layout {
     pub const MAX_DEVICES: usize = 16;
     /// GSI of device `i` is `FIRST_DEVICE_IRQ + i`.
     pub const FIRST_DEVICE_IRQ: u32 = 5;
+    /// Hypercall doorbell: a 32-bit MMIO store of the hypercall number to this address does
+    /// what the `out` to [`super::HYPERCALL_PORT`] does. No memslot covers it, so the store
+    /// exits to amsvm (`KVM_EXIT_MMIO`). Needed because port I/O from CPL3 faults under the
+    /// nested PVM KVM of our machines (it runs guest user mode with IOPL forced to 0, and
+    /// with IF=1), while MMIO exits work from CPL3 on every KVM.
+    pub const HYPERCALL_MMIO: u64 = 0xCFFF_E000;
+    /// The console as a 16550 register window on MMIO (byte registers: THR/RBR at +0,
+    /// LSR at +5), the MMIO twin of port 0x3f8, for the same reason.
+    pub const CONSOLE_MMIO: u64 = 0xCFFF_F000;
 }
 
 /// Port-I/O hypercall interface. The guest fills the [`Mailbox`] and writes the hypercall
@@ -127,7 +139,7 @@ pub struct WorkloadParams {
     pub _pad: u32,
     /// Accesses per hot-spot phase.
     pub phase_accesses: u64,
-    /// Report progress every this many accesses (0 = default 4096).
+    /// Report progress every this many accesses (0 = [`DEFAULT_REPORT_EVERY`]).
     pub report_every: u64,
     /// Disk test: number of 4 KiB blocks to write, read back and verify on the first
     /// virtio-blk device before the memory workload (0 = no disk test).
@@ -240,6 +252,24 @@ pub struct PageStamp {
 }
 pub const PAGE_STAMP_MAGIC: u32 = u32::from_le_bytes(*b"PAGE");
 
+/// Stamp the workload writes at the start of every 4 KiB block of its disk test
+/// ([`WorkloadParams::disk_test_blocks`]); the rest of the block is filler derived from
+/// the stamp, as for pages.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockStamp {
+    pub magic: u32,
+    pub partition_id: u32,
+    /// Block number (4 KiB units from the start of the device).
+    pub block_index: u64,
+    /// Distinguishes one disk test run from another.
+    pub nonce: u64,
+}
+pub const BLOCK_STAMP_MAGIC: u32 = u32::from_le_bytes(*b"DBLK");
+
+/// [`WorkloadParams::report_every`] when it is 0.
+pub const DEFAULT_REPORT_EVERY: u64 = 4096;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,8 +283,10 @@ mod tests {
     #[test]
     fn layout_is_ordered() {
         use layout::*;
-        assert!(GDT < TSS && TSS < BOOT_INFO && BOOT_INFO < MAILBOX && MAILBOX < PAGE_TABLES);
+        assert!(GDT < BOOT_INFO && BOOT_INFO < MAILBOX && MAILBOX < PAGE_TABLES);
+        assert!(PAGE_TABLES + 6 * 0x1000 <= TSS && TSS + 0x68 + 8192 + 1 <= PAGE_TABLES_END);
         assert!(PAGE_TABLES_END <= STACK_TOP && STACK_TOP <= IMAGE_MIN);
         assert!(MAX_RAM <= MMIO_BASE);
+        assert!(MAX_RAM <= HYPERCALL_MMIO && HYPERCALL_MMIO + 0x1000 <= CONSOLE_MMIO && CONSOLE_MMIO + 0x1000 <= MMIO_BASE);
     }
 }

@@ -1,4 +1,413 @@
-//! TOML model of an amsvm configuration.
+//! TOML model of an amsvm configuration: small `*Config` structs, validated in one place
+//! with errors that name the file, the partition and the field.
+//!
+//! ```toml
+//! log_dir = "amsvm-logs"          # per-partition console logs (relative to this file)
+//!
+//! [[partition]]
+//! name = "alpha"
+//! logical_mib = 128               # the partition's RAM
+//! vcpus = 1
+//! image = "workload"              # the built-in workload guest, or a path to a native ELF
+//! [partition.workload]
+//! working_set_mib = 64
+//! pattern = "hotspot"             # sequential | uniform | zipf | hotspot
+//! write_pct = 30
+//! passes = 4
+//!
+//! [[partition]]
+//! name = "linux"
+//! logical_mib = 256
+//! kernel = "vmlinuz"              # Linux: bzImage or ELF vmlinux
+//! initrd = "initrd.gz"
+//! cmdline = "console=ttyS0"
+//! [[partition.disk]]
+//! path = "disk.img"
+//! ```
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use amsvm_abi::{layout, pattern, WorkloadParams};
+use serde::Deserialize;
+
+/// A configuration error. The message is one line and names the file and field.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// The most vCPUs a partition may have (one local APIC id per vCPU in the MADT, 8-bit ids).
+pub const MAX_VCPUS: u32 = 64;
+/// Most partitions one amsvm process hosts.
+pub const MAX_PARTITIONS: usize = 64;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory for per-partition console logs.
+    #[serde(default)]
+    pub log_dir: Option<PathBuf>,
+    #[serde(default, rename = "partition")]
+    pub partitions: Vec<PartitionConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionConfig {
+    pub name: String,
+    pub logical_mib: u64,
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    /// Native image: "workload" (built in) or a path to an ELF64 image.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Linux kernel (bzImage or ELF vmlinux).
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    #[serde(default)]
+    pub workload: Option<WorkloadConfig>,
+    #[serde(default, rename = "disk")]
+    pub disks: Vec<DiskConfig>,
+    /// Copy the console to stdout, each line prefixed with the partition's name.
+    #[serde(default)]
+    pub console_stdout: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Create the file with this size if it does not exist.
+    #[serde(default)]
+    pub create_mib: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    pub working_set_mib: u64,
+    #[serde(default = "default_pattern")]
+    pub pattern: String,
+    #[serde(default = "default_write_pct")]
+    pub write_pct: u32,
+    #[serde(default)]
+    pub passes: u64,
+    #[serde(default)]
+    pub duration_ms: u64,
+    #[serde(default = "one64")]
+    pub seed: u64,
+    #[serde(default = "default_theta")]
+    pub zipf_theta: f64,
+    #[serde(default = "default_hot_pct")]
+    pub hot_pct: u32,
+    #[serde(default = "default_hot_access_pct")]
+    pub hot_access_pct: u32,
+    #[serde(default)]
+    pub phase_accesses: u64,
+    #[serde(default)]
+    pub report_every: u64,
+    #[serde(default)]
+    pub disk_test_blocks: u64,
+}
+
+fn default_pattern() -> String {
+    "sequential".into()
+}
+fn default_write_pct() -> u32 {
+    50
+}
+fn one64() -> u64 {
+    1
+}
+fn default_theta() -> f64 {
+    0.99
+}
+fn default_hot_pct() -> u32 {
+    10
+}
+fn default_hot_access_pct() -> u32 {
+    90
+}
+
+/// What a partition boots.
+#[derive(Debug, Clone)]
+pub enum BootConfig {
+    /// A native CPL3 image: the built-in workload (`None`) or an ELF file.
+    Native { image: Option<PathBuf>, workload: WorkloadParams },
+    Linux { kernel: PathBuf, initrd: Option<PathBuf>, cmdline: String },
+}
+
+/// A validated partition, with paths resolved.
+#[derive(Debug, Clone)]
+pub struct PartitionSpec {
+    pub id: u32,
+    pub name: String,
+    pub mem_bytes: u64,
+    pub vcpus: u32,
+    pub boot: BootConfig,
+    pub disks: Vec<DiskConfig>,
+    pub console_stdout: bool,
+    pub log_path: Option<PathBuf>,
+}
+
+/// Host RAM in bytes (MemTotal), the upper bound for any one partition.
+pub fn host_mem_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(u64::MAX)
+}
+
+/// Check a partition memory size: not zero, not above the host, not above `max`.
+pub fn check_mem_mib(what: &str, mib: u64, max_bytes: u64) -> Result<u64, ConfigError> {
+    if mib == 0 {
+        return err(format!("{what}: memory size is 0 MiB; give at least 4"));
+    }
+    let bytes = mib.checked_mul(1 << 20).ok_or_else(|| ConfigError(format!("{what}: {mib} MiB is too large")))?;
+    let host = host_mem_bytes();
+    if bytes > host {
+        return err(format!("{what}: {mib} MiB is larger than this host's memory ({} MiB)", host >> 20));
+    }
+    if bytes > max_bytes {
+        return err(format!("{what}: {mib} MiB is above the supported maximum of {} MiB", max_bytes >> 20));
+    }
+    if mib < 4 {
+        return err(format!("{what}: {mib} MiB is too small; give at least 4"));
+    }
+    Ok(bytes)
+}
+
+/// Turn a TOML parse error into one line: `file:line: message`.
+fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e.span().map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1);
+    let msg = e.message().replace('\n', " ");
+    match line {
+        Some(l) => ConfigError(format!("{}:{l}: {msg}", path.display())),
+        None => ConfigError(format!("{}: {msg}", path.display())),
+    }
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<(Config, Vec<PartitionSpec>), ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read config: {e}", path.display())))?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let specs = cfg.validate(&path.display().to_string(), &base)?;
+        Ok((cfg, specs))
+    }
+
+    /// Validate and resolve relative paths against `base`. `origin` names the config in
+    /// error messages.
+    pub fn validate(&self, origin: &str, base: &Path) -> Result<Vec<PartitionSpec>, ConfigError> {
+        if self.partitions.is_empty() {
+            return err(format!("{origin}: no [[partition]] defined"));
+        }
+        if self.partitions.len() > MAX_PARTITIONS {
+            return err(format!("{origin}: {} partitions, at most {MAX_PARTITIONS} are supported", self.partitions.len()));
+        }
+        let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let log_dir = self.log_dir.as_ref().map(|d| resolve(d));
+        let mut names = HashSet::new();
+        let mut specs = Vec::new();
+        for (i, p) in self.partitions.iter().enumerate() {
+            let what = format!("{origin}: partition \"{}\"", p.name);
+            if p.name.is_empty() || !p.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return err(format!("{origin}: partition #{i}: name \"{}\" must be non-empty ASCII letters, digits, '-' or '_'", p.name));
+            }
+            if !names.insert(p.name.clone()) {
+                return err(format!("{what}: duplicate partition name"));
+            }
+            if p.vcpus == 0 || p.vcpus > MAX_VCPUS {
+                return err(format!("{what}: vcpus = {} must be between 1 and {MAX_VCPUS}", p.vcpus));
+            }
+            let mem_bytes = check_mem_mib(&format!("{what}: logical_mib"), p.logical_mib, layout::MAX_RAM)?;
+            let boot = match (&p.image, &p.kernel) {
+                (Some(_), Some(_)) => return err(format!("{what}: give either image (native) or kernel (Linux), not both")),
+                (None, None) => return err(format!("{what}: give image = \"workload\" (or a native ELF path) or kernel = \"PATH\"")),
+                (Some(img), None) => {
+                    if p.initrd.is_some() || p.cmdline.is_some() {
+                        return err(format!("{what}: initrd and cmdline only apply to Linux partitions (kernel = ...)"));
+                    }
+                    if p.vcpus != 1 {
+                        return err(format!("{what}: native images run on one vCPU; set vcpus = 1"));
+                    }
+                    let image = if img == "workload" { None } else { Some(resolve(Path::new(img))) };
+                    let workload = match &p.workload {
+                        Some(w) => w.to_params(&what, i as u32, mem_bytes)?,
+                        None if image.is_none() => {
+                            return err(format!("{what}: the workload image needs a [partition.workload] table (working_set_mib at least)"))
+                        }
+                        None => WorkloadParams::default(),
+                    };
+                    BootConfig::Native { image, workload }
+                }
+                (None, Some(k)) => {
+                    if p.workload.is_some() {
+                        return err(format!("{what}: [partition.workload] only applies to native images"));
+                    }
+                    BootConfig::Linux {
+                        kernel: resolve(k),
+                        initrd: p.initrd.as_ref().map(|i| resolve(i)),
+                        cmdline: p.cmdline.clone().unwrap_or_else(|| "console=ttyS0 reboot=k panic=1".into()),
+                    }
+                }
+            };
+            if p.disks.len() + 1 > layout::MAX_DEVICES {
+                return err(format!("{what}: {} disks, at most {} are supported", p.disks.len(), layout::MAX_DEVICES - 1));
+            }
+            let disks = p
+                .disks
+                .iter()
+                .map(|d| DiskConfig { path: resolve(&d.path), ..d.clone() })
+                .collect();
+            specs.push(PartitionSpec {
+                id: i as u32,
+                name: p.name.clone(),
+                mem_bytes,
+                vcpus: p.vcpus,
+                boot,
+                disks,
+                console_stdout: p.console_stdout,
+                log_path: log_dir.as_ref().map(|d| d.join(format!("{}.log", p.name))),
+            });
+        }
+        Ok(specs)
+    }
+}
+
+/// Guest RAM the workload's bookkeeping and image need besides the working set: the
+/// image and stack (below 4 MiB), the version table (4 bytes per page) and a virtqueue.
+pub fn workload_overhead_bytes(working_set_pages: u64) -> u64 {
+    4 * 1024 * 1024 + working_set_pages * 4 + 64 * 1024
+}
+
+impl WorkloadConfig {
+    fn to_params(&self, what: &str, id: u32, mem_bytes: u64) -> Result<WorkloadParams, ConfigError> {
+        let what = format!("{what}: workload");
+        let pattern = match self.pattern.as_str() {
+            "sequential" => pattern::SEQUENTIAL,
+            "uniform" => pattern::UNIFORM,
+            "zipf" => pattern::ZIPF,
+            "hotspot" => pattern::HOTSPOT,
+            other => return err(format!("{what}.pattern: unknown pattern \"{other}\"; use sequential, uniform, zipf or hotspot")),
+        };
+        if self.working_set_mib == 0 {
+            return err(format!("{what}.working_set_mib: must be at least 1"));
+        }
+        let pages = self.working_set_mib.saturating_mul(256);
+        let need = pages.saturating_mul(4096).saturating_add(workload_overhead_bytes(pages));
+        if need > mem_bytes {
+            return err(format!(
+                "{what}.working_set_mib: {} MiB plus {} MiB of image and bookkeeping does not fit in logical_mib ({} MiB)",
+                self.working_set_mib,
+                workload_overhead_bytes(pages).div_ceil(1 << 20),
+                mem_bytes >> 20
+            ));
+        }
+        if self.write_pct > 100 {
+            return err(format!("{what}.write_pct: {} is above 100", self.write_pct));
+        }
+        if self.passes == 0 && self.duration_ms == 0 {
+            return err(format!("{what}: set passes or duration_ms (or both); the workload needs a limit"));
+        }
+        if !(0.0..=5.0).contains(&self.zipf_theta) {
+            return err(format!("{what}.zipf_theta: {} must be between 0 and 5", self.zipf_theta));
+        }
+        if self.hot_pct == 0 || self.hot_pct > 100 {
+            return err(format!("{what}.hot_pct: {} must be between 1 and 100", self.hot_pct));
+        }
+        if self.hot_access_pct > 100 {
+            return err(format!("{what}.hot_access_pct: {} is above 100", self.hot_access_pct));
+        }
+        Ok(WorkloadParams {
+            working_set_pages: pages,
+            pattern,
+            write_pct: self.write_pct,
+            passes: self.passes,
+            duration_ms: self.duration_ms,
+            seed: self.seed ^ ((id as u64) << 32),
+            zipf_theta_milli: (self.zipf_theta * 1000.0).round() as u32,
+            hot_pct: self.hot_pct,
+            hot_access_pct: self.hot_access_pct,
+            _pad: 0,
+            phase_accesses: if self.phase_accesses == 0 { pages * 2 } else { self.phase_accesses },
+            report_every: self.report_every,
+            disk_test_blocks: self.disk_test_blocks,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Vec<PartitionSpec>, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::from_file(&path).map(|(_, s)| s)
+    }
+
+    const GOOD: &str = r#"
+[[partition]]
+name = "a"
+logical_mib = 64
+image = "workload"
+[partition.workload]
+working_set_mib = 16
+passes = 2
+"#;
+
+    #[test]
+    fn good_config_resolves() {
+        let s = parse(GOOD).unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].mem_bytes, 64 << 20);
+        match &s[0].boot {
+            BootConfig::Native { image: None, workload } => {
+                assert_eq!(workload.working_set_pages, 16 * 256);
+                assert_eq!(workload.passes, 2);
+            }
+            b => panic!("unexpected boot {b:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_file_and_field() {
+        let e = parse("[[partition]]\nname = \"a\"\nlogical_mib = 64\nimage = \"workload\"\nbogus = 1\n").unwrap_err().0;
+        assert!(e.contains("c.toml:5") && e.contains("bogus"), "{e}");
+        let e = parse(&format!("{GOOD}{}", GOOD)).unwrap_err().0;
+        assert!(e.contains("partition \"a\"") && e.contains("duplicate"), "{e}");
+        let e = parse(&GOOD.replace("logical_mib = 64", "logical_mib = 0")).unwrap_err().0;
+        assert!(e.contains("logical_mib") && e.contains("0 MiB"), "{e}");
+        let e = parse(&GOOD.replace("logical_mib = 64", "logical_mib = 99999999")).unwrap_err().0;
+        assert!(e.contains("larger than this host"), "{e}");
+        let e = parse(&GOOD.replace("working_set_mib = 16", "working_set_mib = 64")).unwrap_err().0;
+        assert!(e.contains("working_set_mib") && e.contains("does not fit"), "{e}");
+        let e = parse(&GOOD.replace("passes = 2", "")).unwrap_err().0;
+        assert!(e.contains("passes or duration_ms"), "{e}");
+        let e = parse("").unwrap_err().0;
+        assert!(e.contains("no [[partition]]"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+}

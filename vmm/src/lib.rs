@@ -2,6 +2,7 @@
 //! the pool, lets them share one memory budget. See DESIGN.md for the words and the
 //! data paths; `docs/native-abi.md` for the contract with native images.
 
+pub mod cli;
 pub mod config;
 pub mod devices;
 pub mod error;

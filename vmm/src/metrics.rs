@@ -1,1 +1,56 @@
-//! Counters, in one place, read by the CLI (and later the control socket and Prometheus).
+//! Counters, in one place, read by the CLI (and later by the control socket and the
+//! Prometheus endpoint alike). Plain relaxed atomics: readers want recent values, not
+//! a consistent snapshot across counters.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use amsvm_abi::Progress;
+
+/// Per-partition counters.
+#[derive(Debug, Default)]
+pub struct PartitionMetrics {
+    /// Workload progress as last reported by the guest (cumulative, guest-supplied).
+    pub pages_touched: AtomicU64,
+    pub pages_verified: AtomicU64,
+    pub pages_written: AtomicU64,
+    pub verify_failures: AtomicU64,
+    pub disk_blocks_verified: AtomicU64,
+    pub disk_failures: AtomicU64,
+    /// Hypercalls handled, and those rejected (unknown number, bad size).
+    pub hypercalls: AtomicU64,
+    pub bad_hypercalls: AtomicU64,
+    /// Guest port-I/O and MMIO accesses that no device claims.
+    pub unknown_io: AtomicU64,
+    pub unknown_mmio: AtomicU64,
+    /// vCPU exits to the VMM.
+    pub exits: AtomicU64,
+    /// Nanoseconds from the start of the amsvm process (or command) to the first exit of
+    /// vCPU 0: an upper bound of the time to the first guest instruction (0 = not yet).
+    pub first_exit_ns: AtomicU64,
+    /// Resets (reboots) of this partition.
+    pub resets: AtomicU64,
+}
+
+impl PartitionMetrics {
+    /// Take cumulative progress counters from the guest. Guest-supplied: the counters are
+    /// only displayed, never used to size or index anything.
+    pub fn set_progress(&self, p: &Progress) {
+        self.pages_touched.store(p.pages_touched, Relaxed);
+        self.pages_verified.store(p.pages_verified, Relaxed);
+        self.pages_written.store(p.pages_written, Relaxed);
+        self.verify_failures.store(p.verify_failures, Relaxed);
+        self.disk_blocks_verified.store(p.disk_blocks_verified, Relaxed);
+        self.disk_failures.store(p.disk_failures, Relaxed);
+    }
+
+    pub fn progress(&self) -> Progress {
+        Progress {
+            pages_touched: self.pages_touched.load(Relaxed),
+            pages_verified: self.pages_verified.load(Relaxed),
+            pages_written: self.pages_written.load(Relaxed),
+            verify_failures: self.verify_failures.load(Relaxed),
+            disk_blocks_verified: self.disk_blocks_verified.load(Relaxed),
+            disk_failures: self.disk_failures.load(Relaxed),
+        }
+    }
+}

@@ -1,1 +1,429 @@
-//! A partition: one KVM VM, its memory, devices and vCPU threads.
+//! A partition: one KVM VM with its memory, devices, event loop and vCPU threads, built
+//! in one fixed order (VM → memory → event manager → vCPUs → devices), run, and rebuilt
+//! from scratch when the guest resets.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use amsvm_abi::{layout, DeviceInfo};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{BootConfig, PartitionSpec};
+use crate::devices::power::{self, AcpiPower, PowerEvent, PowerSink, ResetControl, I8042};
+use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_GSI, COM1_PORT};
+use crate::devices::virtio::blk::VirtioBlock;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::Bus;
+use crate::kvm::vcpu::{self, BootKind, VcpuContext};
+use crate::metrics::PartitionMetrics;
+use crate::{Error, GuestMemory, Result};
+
+/// How a partition run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A native image exited through the EXIT hypercall with this status.
+    Exited(u64),
+    /// The guest powered off (ACPI S5, HLT with nothing to wake it).
+    PowerOff,
+    /// The guest asked for a reset; the supervisor rebuilds it.
+    Reset,
+    /// The guest or KVM failed; the text says how.
+    Crashed(String),
+    /// amsvm stopped it.
+    Stopped,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Exited(0) => write!(f, "exited ok"),
+            Outcome::Exited(s) => write!(f, "exited with status {s}{}", exit_status_name(*s)),
+            Outcome::PowerOff => write!(f, "powered off"),
+            Outcome::Reset => write!(f, "reset"),
+            Outcome::Crashed(why) => write!(f, "crashed: {why}"),
+            Outcome::Stopped => write!(f, "stopped"),
+        }
+    }
+}
+
+fn exit_status_name(s: u64) -> &'static str {
+    use amsvm_abi::exit::*;
+    match s {
+        VERIFY_FAILED => " (verification failed)",
+        BAD_CONFIG => " (bad settings)",
+        DEVICE_ERROR => " (device error)",
+        PANIC => " (panic)",
+        _ => "",
+    }
+}
+
+/// State shared by a partition's vCPU threads, devices and supervisor.
+pub struct Shared {
+    pub name: String,
+    pub metrics: Arc<PartitionMetrics>,
+    stop: AtomicBool,
+    outcome: Mutex<Option<Outcome>>,
+    done: Condvar,
+    event: Mutex<bool>,
+    event_cv: Condvar,
+    start: Instant,
+    epoch: Instant,
+}
+
+impl Shared {
+    pub fn new(name: &str, metrics: Arc<PartitionMetrics>, epoch: Instant) -> Arc<Self> {
+        Arc::new(Shared {
+            name: name.to_string(),
+            metrics,
+            stop: AtomicBool::new(false),
+            outcome: Mutex::new(None),
+            done: Condvar::new(),
+            event: Mutex::new(false),
+            event_cv: Condvar::new(),
+            start: Instant::now(),
+            epoch,
+        })
+    }
+
+    /// Record how the partition ends (the first outcome wins) and stop it.
+    pub fn finish(&self, o: Outcome) {
+        let mut g = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            *g = Some(o);
+        }
+        self.stop.store(true, Relaxed);
+        self.done.notify_all();
+        self.notify_event();
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stop.load(Relaxed)
+    }
+
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.outcome.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn wait_outcome(&self) -> Outcome {
+        let mut g = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        while g.is_none() {
+            g = self.done.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.clone().unwrap()
+    }
+
+    /// Wake a vCPU blocked in the WAIT hypercall.
+    pub fn notify_event(&self) {
+        *self.event.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.event_cv.notify_all();
+    }
+
+    /// Block until [`Shared::notify_event`] or `timeout`; true if an event arrived.
+    pub fn wait_event(&self, timeout: Duration) -> bool {
+        let g = self.event.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut g, _) = self
+            .event_cv
+            .wait_timeout_while(g, timeout, |ev| !*ev && !self.stop.load(Relaxed))
+            .unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *g, false)
+    }
+
+    pub fn since_start_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    pub fn since_epoch_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A partition that is built and ready to start. Field order is drop order: vCPUs and
+/// devices before the VM, the VM before its memory.
+pub struct Partition {
+    vcpus: Vec<VcpuFd>,
+    event_manager: EventManager<Subscriber>,
+    io: Bus,
+    mmio: Bus,
+    vm: VmFd,
+    mem: GuestMemory,
+    kind: BootKind,
+    pub shared: Arc<Shared>,
+}
+
+/// The virtio-mmio slot of device `i`.
+pub fn device_slot(i: usize) -> (u64, u32) {
+    (layout::MMIO_BASE + i as u64 * layout::MMIO_SIZE, layout::FIRST_DEVICE_IRQ + i as u32)
+}
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+        .and_then(|b| if b.is_empty() { Err(Error::Image { path: path.to_path_buf(), msg: format!("{what} is empty") }) } else { Ok(b) })
+}
+
+/// Open (creating when asked) the files behind a partition's disks, before any VM exists.
+pub fn prepare_disks(spec: &PartitionSpec) -> Result<()> {
+    for d in &spec.disks {
+        if let Some(mib) = d.create_mib {
+            if !d.path.exists() {
+                let f = std::fs::File::create(&d.path).map_err(|source| Error::Io { path: d.path.clone(), source })?;
+                f.set_len(mib << 20).map_err(|source| Error::Io { path: d.path.clone(), source })?;
+            }
+        }
+        if !d.path.exists() {
+            return Err(Error::Io {
+                path: d.path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "disk image not found (set create_mib to create it)"),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Partition {
+    /// Build a partition: nothing runs yet. On error everything built so far is dropped.
+    pub fn build(kvm: &Kvm, spec: &PartitionSpec, shared: Arc<Shared>, workload_image: &[u8]) -> Result<Partition> {
+        // Read the boot image first: bad input fails before a VM exists.
+        let kind = match spec.boot {
+            BootConfig::Native { .. } => BootKind::Native,
+            BootConfig::Linux { .. } => BootKind::Linux,
+        };
+        let native_image = match &spec.boot {
+            BootConfig::Native { image: Some(p), .. } => Some((p.clone(), read_file(p, "image")?)),
+            BootConfig::Native { image: None, .. } => Some((PathBuf::from("<built-in workload>"), workload_image.to_vec())),
+            BootConfig::Linux { .. } => None,
+        };
+
+        // VM and memory.
+        let mem = crate::kvm::memory::create(spec.mem_bytes)?;
+        let vm = crate::kvm::vm::create(kvm, &mem)?;
+
+        // Event manager.
+        let mut event_manager: EventManager<Subscriber> =
+            EventManager::new().map_err(|e| Error::Device(format!("event manager: {e:?}")))?;
+
+        // vCPUs (after the irqchip, before devices that may touch LAPIC state).
+        let mut vcpus = Vec::new();
+        for id in 0..spec.vcpus {
+            vcpus.push(vm.create_vcpu(id as u64).map_err(Error::kvm("KVM_CREATE_VCPU"))?);
+        }
+
+        // Devices.
+        let mut io = Bus::new();
+        let mut mmio = Bus::new();
+        let sink: PowerSink = {
+            let shared = shared.clone();
+            Arc::new(move |e| {
+                shared.finish(match e {
+                    PowerEvent::PowerOff => Outcome::PowerOff,
+                    PowerEvent::Reset => Outcome::Reset,
+                })
+            })
+        };
+        let bus_err = |e: crate::devices::BusError| Error::Device(e.to_string());
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("eventfd: {e}")))?;
+        vm.register_irqfd(&serial_irq, COM1_GSI).map_err(Error::kvm("KVM_IRQFD (serial)"))?;
+        let console = ConsoleOut::new(spec.log_path.as_deref(), spec.console_stdout.then(|| spec.name.clone()))
+            .map_err(|source| Error::Io { path: spec.log_path.clone().unwrap_or_default(), source })?;
+        io.insert(COM1_PORT, 8, Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)))).map_err(bus_err)?;
+        io.insert(power::ACPI_SLEEP_CONTROL_PORT, power::ACPI_PORTS_LEN, Arc::new(Mutex::new(AcpiPower(sink.clone()))))
+            .map_err(bus_err)?;
+        io.insert(power::PCI_RESET_PORT, 1, Arc::new(Mutex::new(ResetControl(sink.clone())))).map_err(bus_err)?;
+        io.insert(power::I8042_DATA_PORT, power::I8042_CMD_PORT - power::I8042_DATA_PORT + 1, Arc::new(Mutex::new(I8042(sink))))
+            .map_err(bus_err)?;
+
+        let mut devices = Vec::new();
+        for (i, d) in spec.disks.iter().enumerate() {
+            let (base, gsi) = device_slot(i);
+            let id = format!("{}-disk{i}", spec.name);
+            let blk = VirtioBlock::new(&d.path, d.read_only, &id)
+                .map_err(|e| Error::Device(format!("partition \"{}\": disk {}: {e}", spec.name, d.path.display())))?;
+            let t = MmioTransport::new(Box::new(blk), mem.clone(), &vm, base, gsi)
+                .map_err(|e| Error::Device(format!("partition \"{}\": virtio-mmio for disk {i}: {e}", spec.name)))?;
+            let t = Arc::new(Mutex::new(t));
+            mmio.insert(base, layout::MMIO_SIZE, t.clone()).map_err(bus_err)?;
+            event_manager.add_subscriber(t);
+            devices.push(DeviceInfo { mmio_base: base, mmio_size: layout::MMIO_SIZE, device_id: 2, irq: gsi });
+        }
+
+        // Boot.
+        match (&spec.boot, native_image) {
+            (BootConfig::Native { workload, .. }, Some((path, bytes))) => {
+                let bis = crate::kvm::native::BootInfoSpec {
+                    partition_id: spec.id,
+                    vcpus: spec.vcpus,
+                    mem_bytes: spec.mem_bytes,
+                    image_end: 0,
+                    devices: &devices,
+                    workload: *workload,
+                };
+                let img = crate::kvm::native::prepare(&mem, &path, &bytes, bis)?;
+                crate::kvm::vm::mask_legacy_pic(&vm)?;
+                crate::kvm::native::setup_vcpu(kvm, &vcpus[0], img.entry)?;
+            }
+            (BootConfig::Linux { kernel, initrd, cmdline }, _) => {
+                let image = crate::kvm::linux::LinuxImage {
+                    kernel: kernel.clone(),
+                    initrd: initrd.clone(),
+                    cmdline: cmdline.clone(),
+                };
+                let slots: Vec<_> = devices
+                    .iter()
+                    .map(|d| crate::kvm::linux::VirtioMmioSlot { base: d.mmio_base, size: d.mmio_size, gsi: d.irq })
+                    .collect();
+                let boot = crate::kvm::linux::load(&mem, &image, spec.vcpus as u8, &slots)
+                    .map_err(|e| Error::Other(e.to_string()))?;
+                for (id, v) in vcpus.iter().enumerate() {
+                    crate::kvm::linux::setup_vcpu(kvm, v, id as u8, spec.vcpus as u8, (id == 0).then_some(&boot))
+                        .map_err(|e| Error::Other(e.to_string()))?;
+                }
+            }
+            (BootConfig::Native { .. }, None) => unreachable!("native image read above"),
+        }
+
+        Ok(Partition { vcpus, event_manager, io, mmio, vm, mem, kind, shared })
+    }
+
+    /// Host address ranges `(start, len)` of this partition's guest RAM.
+    pub fn guest_ranges(&self) -> Vec<(u64, u64)> {
+        crate::kvm::memory::host_ranges(&self.mem)
+    }
+
+    /// Start the vCPU threads and the device event loop.
+    pub fn start(self) -> Result<Running> {
+        vcpu::install_kick_handler();
+        let Partition { vcpus, mut event_manager, io, mmio, vm, mem, kind, shared } = self;
+        let mut threads = Vec::new();
+        let em_shared = shared.clone();
+        let em = std::thread::Builder::new()
+            .name(format!("{}-dev", shared.name))
+            .spawn(move || {
+                while !em_shared.is_stopping() {
+                    if let Err(e) = event_manager.run_with_timeout(50) {
+                        em_shared.finish(Outcome::Crashed(format!("device event loop failed: {e:?}")));
+                    }
+                }
+            })
+            .map_err(|e| Error::Other(format!("cannot start device thread: {e}")))?;
+        for (id, mut fd) in vcpus.into_iter().enumerate() {
+            let ctx = VcpuContext { id: id as u32, kind, io: io.clone(), mmio: mmio.clone(), mem: mem.clone(), shared: shared.clone() };
+            let t = std::thread::Builder::new()
+                .name(format!("{}-vcpu{id}", shared.name))
+                .spawn(move || vcpu::run(&mut fd, &ctx))
+                .map_err(|e| Error::Other(format!("cannot start vCPU thread: {e}")))?;
+            threads.push(t);
+        }
+        Ok(Running { threads, em: Some(em), shared, _vm: vm, _mem: mem })
+    }
+}
+
+/// A started partition.
+pub struct Running {
+    threads: Vec<JoinHandle<()>>,
+    em: Option<JoinHandle<()>>,
+    pub shared: Arc<Shared>,
+    _vm: VmFd,
+    _mem: GuestMemory,
+}
+
+impl Running {
+    /// Wait for the partition to end; kicks every vCPU out of the guest and joins all
+    /// threads before returning.
+    pub fn wait(mut self) -> Outcome {
+        let outcome = self.shared.wait_outcome();
+        use std::os::unix::thread::JoinHandleExt;
+        for t in self.threads.drain(..) {
+            while !t.is_finished() {
+                // SAFETY: the thread is alive (not finished, not joined) so its pthread
+                // handle is valid; the kick signal has a no-op handler installed.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            let _ = t.join();
+        }
+        if let Some(em) = self.em.take() {
+            let _ = em.join();
+        }
+        outcome
+    }
+}
+
+/// The end of a partition's life, as `amsvm run` reports it.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub name: String,
+    pub outcome: Outcome,
+    pub metrics: Arc<PartitionMetrics>,
+}
+
+/// Resets tolerated before a partition is declared to be in a reset loop.
+pub const MAX_RESETS: u64 = 16;
+
+/// Stops a supervised partition from outside, whatever incarnation is running.
+#[derive(Default)]
+pub struct PartitionControl {
+    stop: AtomicBool,
+    current: Mutex<Option<Arc<Shared>>>,
+}
+
+impl PartitionControl {
+    pub fn stop(&self) {
+        self.stop.store(true, Relaxed);
+        if let Some(s) = self.current.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            s.finish(Outcome::Stopped);
+        }
+    }
+    fn set_current(&self, s: Arc<Shared>) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
+        if self.stop.load(Relaxed) {
+            s.finish(Outcome::Stopped);
+        }
+    }
+}
+
+/// Run a built partition and rebuild it on every reset until it ends.
+pub fn supervise(
+    kvm: &Kvm,
+    spec: &PartitionSpec,
+    first: Partition,
+    epoch: Instant,
+    workload_image: &[u8],
+    ctl: &PartitionControl,
+) -> Report {
+    let metrics = first.shared.metrics.clone();
+    let mut next = Some(first);
+    loop {
+        let built = match next.take() {
+            Some(p) => Ok(p),
+            None => Partition::build(kvm, spec, Shared::new(&spec.name, metrics.clone(), epoch), workload_image),
+        };
+        let outcome = match built {
+            Err(e) => Outcome::Crashed(format!("rebuild after reset failed: {e}")),
+            Ok(p) => {
+                let shared = p.shared.clone();
+                match p.start() {
+                    Err(e) => Outcome::Crashed(e.to_string()),
+                    Ok(running) => {
+                        ctl.set_current(shared);
+                        running.wait()
+                    }
+                }
+            }
+        };
+        if outcome == Outcome::Reset && !ctl.stop.load(Relaxed) {
+            let n = metrics.resets.fetch_add(1, Relaxed) + 1;
+            if n <= MAX_RESETS {
+                tracing::info!(partition = %spec.name, "reset #{n}: rebuilding the partition");
+                continue;
+            }
+            return Report { name: spec.name.clone(), outcome: Outcome::Crashed(format!("reset loop: {n} resets")), metrics };
+        }
+        return Report { name: spec.name.clone(), outcome, metrics };
+    }
+}

@@ -1,0 +1,70 @@
+//! The 16550 console at [`amsvm_abi::layout::CONSOLE_MMIO`], written by polling. Every
+//! register access is a VM exit, so callers keep their output short. (The port-I/O twin
+//! at 0x3f8 faults at CPL3 under the nested PVM KVM of our machines.)
+
+use amsvm_abi::layout::CONSOLE_MMIO;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+/// Transmit holding register, line status register and its "THR empty" bit.
+const THR: u64 = 0;
+const LSR: u64 = 5;
+const LSR_THRE: u8 = 1 << 5;
+/// How many LSR reads to wait for THRE before writing anyway. An emulated UART reports
+/// THRE at once; one that never does must not cost this many exits per byte, so after
+/// the first such timeout the console stops polling.
+const THRE_SPINS: u32 = 1000;
+static NO_THRE: AtomicBool = AtomicBool::new(false);
+
+fn read_reg(off: u64) -> u8 {
+    // SAFETY: an identity-mapped, user-accessible register window with no memory behind
+    // it: the load exits to amsvm.
+    unsafe { ((CONSOLE_MMIO + off) as *const u8).read_volatile() }
+}
+
+fn write_reg(off: u64, value: u8) {
+    // SAFETY: as for `read_reg`.
+    unsafe { ((CONSOLE_MMIO + off) as *mut u8).write_volatile(value) }
+}
+
+pub fn write_byte(b: u8) {
+    if !NO_THRE.load(Ordering::Relaxed) {
+        let mut spins = 0;
+        while read_reg(LSR) & LSR_THRE == 0 {
+            spins += 1;
+            if spins == THRE_SPINS {
+                NO_THRE.store(true, Ordering::Relaxed);
+                break;
+            }
+            core::hint::spin_loop();
+        }
+    }
+    write_reg(THR, b);
+}
+
+/// `core::fmt` sink for the console.
+pub struct Console;
+
+impl core::fmt::Write for Console {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for b in s.bytes() {
+            write_byte(b);
+        }
+        Ok(())
+    }
+}
+
+/// `println!` onto the serial console.
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use core::fmt::Write as _;
+        let _ = writeln!($crate::console::Console, $($arg)*);
+    }};
+}
+
+/// `print!` onto the serial console.
+macro_rules! print {
+    ($($arg:tt)*) => {{
+        use core::fmt::Write as _;
+        let _ = write!($crate::console::Console, $($arg)*);
+    }};
+}

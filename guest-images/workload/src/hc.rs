@@ -1,0 +1,73 @@
+//! Hypercalls: arguments go into the mailbox page, then a 32-bit store of the hypercall
+//! number to the MMIO doorbell [`layout::HYPERCALL_MMIO`]; the vCPU is blocked in amsvm
+//! until it is done. (The `out` to `HYPERCALL_PORT` that the ABI also offers faults at
+//! CPL3 under the nested PVM KVM of our machines; the MMIO exit works on every KVM.)
+
+use amsvm_abi::{hc, layout, Mailbox, Progress};
+use core::ptr::{addr_of, addr_of_mut};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// The ABI's default until the boot-info page has been validated.
+static MAILBOX: AtomicU64 = AtomicU64::new(layout::MAILBOX);
+
+/// Uses the mailbox the boot-info page announced.
+pub fn configure(mailbox: u64) {
+    MAILBOX.store(mailbox, Ordering::Relaxed);
+}
+
+fn mailbox() -> *mut Mailbox {
+    MAILBOX.load(Ordering::Relaxed) as *mut Mailbox
+}
+
+fn call(nr: u32) {
+    // Mailbox accesses are volatile too, so the compiler keeps them on their side of the
+    // doorbell store; the fences say so explicitly. x86 does not reorder stores.
+    core::sync::atomic::compiler_fence(Ordering::SeqCst);
+    // SAFETY: the doorbell is identity-mapped, user-accessible and backed by no memory:
+    // the store exits to amsvm, which only reads and writes the mailbox page.
+    unsafe { (layout::HYPERCALL_MMIO as *mut u32).write_volatile(nr) };
+    core::sync::atomic::compiler_fence(Ordering::SeqCst);
+}
+
+fn set_progress(p: &Progress) {
+    // SAFETY: the mailbox address was validated against guest RAM (or is the ABI's
+    // default, which lies in RAM below the image).
+    unsafe { addr_of_mut!((*mailbox()).progress).write_volatile(*p) };
+}
+
+fn set_arg(i: usize, value: u64) {
+    // SAFETY: as in `set_progress`; `i` indexes a fixed array (bounds-checked).
+    unsafe { addr_of_mut!((*mailbox()).arg[i]).write_volatile(value) };
+}
+
+fn ret(i: usize) -> u64 {
+    // SAFETY: as in `set_progress`.
+    unsafe { addr_of!((*mailbox()).ret[i]).read_volatile() }
+}
+
+/// Reports cumulative counters.
+pub fn progress(p: &Progress) {
+    set_progress(p);
+    call(hc::PROGRESS);
+}
+
+/// Nanoseconds since the partition started (host monotonic clock).
+pub fn clock_ns() -> u64 {
+    call(hc::CLOCK);
+    ret(0)
+}
+
+/// Ends the partition with `status` and `p` as the final counters.
+pub fn exit(status: u64, p: &Progress) -> ! {
+    set_progress(p);
+    exit_keep_progress(status)
+}
+
+/// Ends the partition with `status`, leaving the last reported counters in place.
+pub fn exit_keep_progress(status: u64) -> ! {
+    set_arg(0, status);
+    loop {
+        // amsvm does not resume a vCPU after EXIT; should it ever, ask again.
+        call(hc::EXIT);
+    }
+}

@@ -1,0 +1,385 @@
+//! amsvm's workload guest: a unikernel that runs entirely at CPL3 (see DESIGN.md and
+//! `amsvm_abi`). It stamps and re-reads pages of a working set in a chosen access
+//! pattern, verifying every word of every page it reads, and can first test a
+//! virtio-blk device. Settings come from `BootInfo::workload`; progress goes to amsvm
+//! through the hypercall mailbox. Described in `docs/workload.md`.
+#![no_std]
+#![no_main]
+
+#[macro_use]
+mod console;
+mod disk;
+mod hc;
+mod math;
+mod page;
+mod rt;
+mod sampler;
+mod virtio;
+
+use amsvm_abi::{exit, layout, pattern, BootInfo, Progress, WorkloadParams, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
+use core::sync::atomic::{AtomicBool, Ordering};
+use page::{Expected, PAGE_SIZE};
+use sampler::{Hotspot, PageSampler, Permutation, Rng, Zipf};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// Verification failures printed on the console (the rest are only counted).
+const MAX_PRINTED_FAILURES: u64 = 8;
+/// Least time between two "pass" lines on the console.
+const LINE_INTERVAL_NS: u64 = 1_000_000_000;
+/// Largest accepted Zipf exponent, in thousandths.
+const MAX_ZIPF_THETA_MILLI: u32 = 10_000;
+
+extern "C" {
+    /// First byte after the loaded image (page aligned), from `link.ld`.
+    static __image_end: u8;
+}
+
+/// Everything the run needs, derived from a validated boot-info page.
+struct Plan {
+    partition_id: u32,
+    w: WorkloadParams,
+    /// Working-set pages.
+    n: u64,
+    /// One version per working-set page (0 = never written), at `free_start`.
+    versions: *mut u32,
+    /// Page 0 of the working set.
+    ws_base: u64,
+    /// The virtio-blk window and the pages reserved for the disk test.
+    disk: Option<(u64, u64)>,
+    report_every: u64,
+    /// Access budget from `passes` (u64::MAX = none).
+    max_accesses: u64,
+    /// Time budget from `duration_ms` (0 = none).
+    duration_ns: u64,
+}
+
+/// Entered from `_start` (rt.rs) with the boot-info address.
+extern "C" fn main(boot_info: *const BootInfo) -> ! {
+    let plan = configure(boot_info);
+    print_settings(&plan);
+    let mut p = Progress::default();
+    hc::progress(&p);
+
+    if let Some((mmio, area)) = plan.disk {
+        // SAFETY: `configure` checked the window and reserved `area` for the disk test.
+        let r = unsafe { disk::run(mmio, area, plan.w.disk_test_blocks, plan.partition_id, &mut p) };
+        hc::progress(&p);
+        if let Err(e) = r {
+            println!("disk: {e}");
+            finish(&p, 0, 0, true);
+        }
+        println!("disk: {} blocks verified, {} failed", p.disk_blocks_verified, p.disk_failures);
+    }
+
+    let t0 = hc::clock_ns();
+    let accesses = run(&plan, &mut p, t0);
+    check_all(&plan, &mut p);
+    let ms = hc::clock_ns().saturating_sub(t0) / 1_000_000;
+    finish(&p, accesses, ms, false)
+}
+
+/// Prints the summary and exits with the verdict: DEVICE_ERROR if the disk test stopped
+/// on a device error, else VERIFY_FAILED if any page or block read back wrong, else OK.
+fn finish(p: &Progress, accesses: u64, ms: u64, device_error: bool) -> ! {
+    let status = if device_error {
+        exit::DEVICE_ERROR
+    } else if p.verify_failures != 0 || p.disk_failures != 0 {
+        exit::VERIFY_FAILED
+    } else {
+        exit::OK
+    };
+    let verdict = match status {
+        exit::OK => "OK",
+        exit::VERIFY_FAILED => "VERIFY_FAILED",
+        _ => "DEVICE_ERROR",
+    };
+    println!(
+        "workload: {} accesses in {} ms; touched {} verified {} written {} failures {}; disk {} ok {} bad; {}",
+        accesses,
+        ms,
+        p.pages_touched,
+        p.pages_verified,
+        p.pages_written,
+        p.verify_failures,
+        p.disk_blocks_verified,
+        p.disk_failures,
+        verdict
+    );
+    hc::exit(status, p)
+}
+
+/// The access loop: returns the number of accesses made.
+fn run(plan: &Plan, p: &mut Progress, t0: u64) -> u64 {
+    let w = &plan.w;
+    let n = plan.n;
+    let mut rng = Rng::new(w.seed);
+    let mut sampler = match w.pattern {
+        pattern::SEQUENTIAL => PageSampler::Sequential { n, next: 0 },
+        pattern::UNIFORM => PageSampler::Uniform { n },
+        // Exponent 0 gives every page the same weight.
+        pattern::ZIPF if w.zipf_theta_milli == 0 => PageSampler::Uniform { n },
+        pattern::ZIPF => PageSampler::Zipf {
+            zipf: Zipf::new(n, w.zipf_theta_milli as f64 / 1000.0),
+            perm: Permutation::new(n, w.seed ^ 0x5a49_5046_7065_726d),
+        },
+        _ => PageSampler::Hotspot(Hotspot::new(n, w.hot_pct, w.hot_access_pct, w.phase_accesses, &mut rng)),
+    };
+    let mut printed = 0;
+    let mut accesses = 0u64;
+    let mut next_report = plan.report_every;
+    let mut passes_shown = 0;
+    let mut last_line = t0;
+    while accesses < plan.max_accesses {
+        let i = sampler.sample(&mut rng);
+        let write = rng.percent(w.write_pct);
+        access(plan, i, write, p, &mut printed);
+        accesses += 1;
+        if accesses == next_report {
+            next_report = next_report.saturating_add(plan.report_every);
+            hc::progress(p);
+            let now = hc::clock_ns();
+            let elapsed = now.saturating_sub(t0);
+            if plan.duration_ns != 0 && elapsed >= plan.duration_ns {
+                break;
+            }
+            let passes = accesses / n;
+            if passes > passes_shown && now.saturating_sub(last_line) >= LINE_INTERVAL_NS {
+                passes_shown = passes;
+                last_line = now;
+                println!(
+                    "pass {} at {} ms: verified {} written {} failures {}",
+                    passes,
+                    elapsed / 1_000_000,
+                    p.pages_verified,
+                    p.pages_written,
+                    p.verify_failures
+                );
+            }
+        }
+    }
+    hc::progress(p);
+    accesses
+}
+
+/// One access to working-set page `i`: restamp it with the next version, or verify it.
+fn access(plan: &Plan, i: u64, write: bool, p: &mut Progress, printed: &mut u64) {
+    // SAFETY: i < n; the table has n entries (checked in `configure`).
+    let slot = unsafe { plan.versions.add(i as usize) };
+    // SAFETY: as above.
+    let version = unsafe { slot.read() };
+    let addr = plan.ws_base + i * PAGE;
+    p.pages_touched += 1;
+    if write {
+        // Version 0 means "never written"; skip it should the counter ever wrap.
+        let next = if version == u32::MAX { 1 } else { version + 1 };
+        // SAFETY: page i of the working set, inside [free_start, free_end).
+        unsafe { page::fill(addr as *mut u64, &Expected::page(plan.partition_id, i, next as u64)) };
+        // SAFETY: as above.
+        unsafe { slot.write(next) };
+        p.pages_written += 1;
+    } else {
+        verify(plan, i, version, p, printed);
+    }
+}
+
+fn verify(plan: &Plan, i: u64, version: u32, p: &mut Progress, printed: &mut u64) {
+    let addr = plan.ws_base + i * PAGE;
+    let exp = Expected::page(plan.partition_id, i, version as u64);
+    // SAFETY: page i of the working set, inside [free_start, free_end).
+    match unsafe { page::verify(addr as *const u64, &exp) } {
+        Ok(()) => p.pages_verified += 1,
+        Err(m) => {
+            p.verify_failures += 1;
+            if *printed < MAX_PRINTED_FAILURES {
+                *printed += 1;
+                print!(
+                    "VERIFY FAILED page {} want v{}: {} bad words, first word {} want {:#x} found {:#x}; page has ",
+                    i, version, m.bad_words, m.word, m.expected, m.found
+                );
+                if m.found_magic() == amsvm_abi::PAGE_STAMP_MAGIC {
+                    println!("stamp p{} page {} v{}", m.found_partition(), m.found_index(), m.found_version());
+                } else if m.found_stamp == [0; 3] {
+                    println!("zeros at offset 0");
+                } else {
+                    println!("no stamp");
+                }
+            }
+        }
+    }
+}
+
+/// The final pass: every page of the working set is verified once more.
+fn check_all(plan: &Plan, p: &mut Progress) {
+    let mut printed = 0;
+    for i in 0..plan.n {
+        // SAFETY: i < n entries of the table.
+        let version = unsafe { plan.versions.add(i as usize).read() };
+        p.pages_touched += 1;
+        verify(plan, i, version, p, &mut printed);
+        if (i + 1) % plan.report_every == 0 {
+            hc::progress(p);
+        }
+    }
+    hc::progress(p);
+}
+
+fn print_settings(plan: &Plan) {
+    let w = &plan.w;
+    print!(
+        "workload: partition {}, {} pages ({} MiB) at {:#x}, ",
+        plan.partition_id,
+        plan.n,
+        (plan.n * PAGE) >> 20,
+        plan.ws_base
+    );
+    match w.pattern {
+        pattern::SEQUENTIAL => print!("sequential"),
+        pattern::UNIFORM => print!("uniform"),
+        pattern::ZIPF => print!("zipf s={}.{:03}", w.zipf_theta_milli / 1000, w.zipf_theta_milli % 1000),
+        _ => print!("hotspot {}% gets {}%, moves every {}", w.hot_pct, w.hot_access_pct, w.phase_accesses),
+    }
+    println!(
+        ", {}% writes, passes {}, {} ms, seed {}, disk blocks {}",
+        w.write_pct, w.passes, w.duration_ms, w.seed, w.disk_test_blocks
+    );
+}
+
+/// Reports unusable settings and exits with BAD_CONFIG.
+fn bad_config(args: core::fmt::Arguments<'_>) -> ! {
+    println!("workload: bad config: {}", args);
+    hc::exit(exit::BAD_CONFIG, &Progress::default())
+}
+
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)*) => {
+        if !$cond {
+            bad_config(format_args!($($arg)*));
+        }
+    };
+}
+
+/// Validates the boot-info page and lays out the free RAM:
+/// `[free_start: version table][disk test pages][working set]` up to `free_end`.
+fn configure(bi_ptr: *const BootInfo) -> Plan {
+    let bi_addr = bi_ptr as u64;
+    let bi_size = core::mem::size_of::<BootInfo>() as u64;
+    ensure!(
+        bi_addr != 0 && bi_addr.is_multiple_of(8) && bi_addr + bi_size <= layout::IMAGE_MIN,
+        "boot-info address {:#x} is not an aligned address below the image",
+        bi_addr
+    );
+    // SAFETY: an aligned address in the identity-mapped RAM below the image, written by
+    // amsvm before entry and not changed afterwards. (Borrowed, not copied: a copy this
+    // size would be an out-of-line memcpy call.)
+    let bi = unsafe { &*bi_ptr };
+    ensure!(bi.magic == BOOT_INFO_MAGIC, "boot-info magic {:#x}, want {:#x}", bi.magic, BOOT_INFO_MAGIC);
+    ensure!(bi.version == BOOT_INFO_VERSION, "boot-info version {}, want {}", bi.version, BOOT_INFO_VERSION);
+    ensure!(bi.size as u64 == bi_size, "boot-info size {}, want {}", bi.size, bi_size);
+    // `serial_port` and `hypercall_port` are not used: the console and the hypercall
+    // doorbell are reached by MMIO (see console.rs and hc.rs).
+
+    // Only the symbol's address is taken.
+    let image_end = core::ptr::addr_of!(__image_end) as u64;
+    let (mem, free_start, free_end) = (bi.mem_bytes, bi.free_start, bi.free_end);
+    ensure!(
+        free_start % PAGE == 0 && free_start >= image_end && free_start < free_end && free_end <= mem,
+        "free RAM [{:#x}, {:#x}) of {:#x} bytes: must be page aligned, after the image (ends {:#x}) and inside RAM",
+        free_start,
+        free_end,
+        mem,
+        image_end
+    );
+    let mb_size = core::mem::size_of::<amsvm_abi::Mailbox>() as u64;
+    let mb = bi.mailbox;
+    ensure!(
+        mb != 0
+            && mb % 8 == 0
+            && mb.checked_add(mb_size).is_some_and(|end| end <= mem && (end <= layout::IMAGE_MIN || mb >= free_end)),
+        "mailbox {:#x} is not in RAM outside the image and the free area",
+        mb
+    );
+    hc::configure(mb);
+    ensure!(bi.device_count as usize <= layout::MAX_DEVICES, "device_count {} > {}", bi.device_count, layout::MAX_DEVICES);
+
+    let w = bi.workload;
+    let n = w.working_set_pages;
+    ensure!(n > 0, "working_set_pages is 0");
+    ensure!(w.pattern <= pattern::HOTSPOT, "unknown pattern {}", w.pattern);
+    ensure!(w.write_pct <= 100, "write_pct {} > 100", w.write_pct);
+    ensure!(w.passes != 0 || w.duration_ms != 0, "neither passes nor duration_ms is set");
+    match w.pattern {
+        pattern::ZIPF => ensure!(
+            w.zipf_theta_milli <= MAX_ZIPF_THETA_MILLI,
+            "zipf_theta_milli {} is above {}",
+            w.zipf_theta_milli,
+            MAX_ZIPF_THETA_MILLI
+        ),
+        pattern::HOTSPOT => ensure!(
+            (1..=100).contains(&w.hot_pct) && w.hot_access_pct <= 100,
+            "hot_pct {} must be 1..=100 and hot_access_pct {} at most 100",
+            w.hot_pct,
+            w.hot_access_pct
+        ),
+        _ => {}
+    }
+
+    let disk = if w.disk_test_blocks > 0 {
+        let devices = &bi.devices[..bi.device_count as usize];
+        let d = devices.iter().find(|d| d.device_id == disk::DEVICE_ID);
+        let Some(d) = d else {
+            bad_config(format_args!("disk_test_blocks is {} but there is no virtio-blk device", w.disk_test_blocks));
+        };
+        ensure!(
+            d.mmio_base % PAGE == 0 && d.mmio_base >= mem && d.mmio_size >= virtio::MIN_WINDOW && d.mmio_base.checked_add(d.mmio_size).is_some(),
+            "virtio-blk window {:#x}+{:#x} is not a page-aligned window above RAM",
+            d.mmio_base,
+            d.mmio_size
+        );
+        Some(d.mmio_base)
+    } else {
+        None
+    };
+
+    // Bookkeeping first, then the working set.
+    let avail = (free_end - free_start) / PAGE;
+    let disk_pages = if disk.is_some() { disk::AREA_PAGES } else { 0 };
+    let table_pages = |n: u64| (n * 4).div_ceil(PAGE);
+    let fits = |n: u64| n <= avail && table_pages(n) + disk_pages + n <= avail;
+    if !fits(n) {
+        let mut max = (avail.saturating_sub(disk_pages)) * 1024 / 1025;
+        while fits(max + 1) {
+            max += 1;
+        }
+        bad_config(format_args!(
+            "working set of {} pages does not fit in {} free pages (at most {} pages fit)",
+            n, avail, max
+        ));
+    }
+    let versions = free_start;
+    let disk_area = versions + table_pages(n) * PAGE;
+    let ws_base = disk_area + disk_pages * PAGE;
+    // SAFETY: the table lies in the free RAM this image owns.
+    unsafe { rt::fill_bytes(versions as *mut u8, 0, (table_pages(n) * PAGE) as usize) };
+
+    let report_every = if w.report_every == 0 { amsvm_abi::DEFAULT_REPORT_EVERY } else { w.report_every };
+    Plan {
+        partition_id: bi.partition_id,
+        w,
+        n,
+        versions: versions as *mut u32,
+        ws_base,
+        disk: disk.map(|mmio| (mmio, disk_area)),
+        report_every,
+        max_accesses: if w.passes == 0 { u64::MAX } else { w.passes.saturating_mul(n) },
+        duration_ns: w.duration_ms.saturating_mul(1_000_000),
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    static PANICKING: AtomicBool = AtomicBool::new(false);
+    if !PANICKING.swap(true, Ordering::Relaxed) {
+        println!("workload: {}", info);
+    }
+    hc::exit_keep_progress(exit::PANIC)
+}

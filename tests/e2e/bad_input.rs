@@ -1,0 +1,86 @@
+//! Bad input: a one-line error naming the file/field, exit status 2, no panic.
+
+use std::path::Path;
+
+use crate::common::*;
+
+fn expect_bad_input(args: &[&str], cwd: &Path, must_contain: &[&str]) {
+    let out = amsvm().args(args).current_dir(cwd).output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "args {args:?}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let err_lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("amsvm: ") && !l.starts_with("amsvm: starting")).collect();
+    assert_eq!(err_lines.len(), 1, "expected one error line, got:\n{stderr}");
+    for m in must_contain {
+        assert!(err_lines[0].contains(m), "error line lacks {m:?}: {}", err_lines[0]);
+    }
+}
+
+const WL: &str = "[partition.workload]\nworking_set_mib = 4\npasses = 1\n";
+
+fn native(name: &str, mib: u64, image: &str) -> String {
+    format!("[[partition]]\nname = \"{name}\"\nlogical_mib = {mib}\nimage = \"{image}\"\n{WL}")
+}
+
+#[test]
+fn config_errors_name_file_and_field() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let unknown = write_config(p, "unknown.toml", &format!("{}colour = \"red\"\n", native("a", 32, "workload").replace(WL, "")));
+    expect_bad_input(&["run", unknown.to_str().unwrap()], p, &["unknown.toml:5", "colour"]);
+    let dup = write_config(p, "dup.toml", &(native("a", 32, "workload") + &native("a", 32, "workload")));
+    expect_bad_input(&["run", dup.to_str().unwrap()], p, &["dup.toml", "\"a\"", "duplicate"]);
+    let zero = write_config(p, "zero.toml", &native("z", 0, "workload"));
+    expect_bad_input(&["run", zero.to_str().unwrap()], p, &["zero.toml", "logical_mib", "0 MiB"]);
+    let huge = write_config(p, "huge.toml", &native("h", 1 << 30, "workload"));
+    expect_bad_input(&["run", huge.to_str().unwrap()], p, &["huge.toml", "logical_mib", "larger than this host"]);
+    let bad_toml = write_config(p, "broken.toml", "[[partition]\nname=");
+    expect_bad_input(&["run", bad_toml.to_str().unwrap()], p, &["broken.toml:1"]);
+    expect_bad_input(&["run", "does-not-exist.toml"], p, &["does-not-exist.toml", "cannot read"]);
+}
+
+#[test]
+fn image_errors_name_the_image() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let missing = write_config(p, "missing.toml", &native("m", 32, "nope.elf"));
+    expect_bad_input(&["run", missing.to_str().unwrap()], p, &["nope.elf"]);
+    std::fs::write(p.join("corrupt.elf"), b"\x7fELF this is not really an image").unwrap();
+    let corrupt = write_config(p, "corrupt.toml", &native("c", 32, "corrupt.elf"));
+    expect_bad_input(&["run", corrupt.to_str().unwrap()], p, &["corrupt.elf"]);
+    // A valid ELF whose segment lies beyond the partition's 8 MiB of RAM.
+    std::fs::write(p.join("big.elf"), big_elf(0x80_0000)).unwrap();
+    let big = write_config(p, "big.toml", &format!("[[partition]]\nname = \"b\"\nlogical_mib = 8\nimage = \"big.elf\"\n"));
+    expect_bad_input(&["run", big.to_str().unwrap()], p, &["big.elf", "does not fit in guest memory"]);
+    // Linux: missing kernel, corrupt kernel, through both `run` and `boot`.
+    expect_bad_input(&["boot", "--kernel", "no-such-vmlinuz", "--mem", "64"], p, &["no-such-vmlinuz"]);
+    std::fs::write(p.join("junk-vmlinuz"), vec![0x5au8; 8192]).unwrap();
+    expect_bad_input(&["boot", "--kernel", "junk-vmlinuz", "--mem", "64"], p, &["junk-vmlinuz"]);
+    expect_bad_input(&["boot", "--kernel", "junk-vmlinuz", "--mem", "0"], p, &["--mem", "0 MiB"]);
+    expect_bad_input(&["boot", "--kernel", "junk-vmlinuz", "--mem", "99999999"], p, &["--mem", "larger than this host"]);
+}
+
+/// A minimal static ELF64 x86-64 executable with one segment at 2 MiB of `memsz` bytes.
+fn big_elf(memsz: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 0x1000];
+    b[..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2;
+    b[5] = 1;
+    b[6] = 1;
+    b[16..18].copy_from_slice(&2u16.to_le_bytes());
+    b[18..20].copy_from_slice(&62u16.to_le_bytes());
+    b[20..24].copy_from_slice(&1u32.to_le_bytes());
+    b[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes());
+    b[32..40].copy_from_slice(&64u64.to_le_bytes());
+    b[52..54].copy_from_slice(&64u16.to_le_bytes());
+    b[54..56].copy_from_slice(&56u16.to_le_bytes());
+    b[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 64;
+    b[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+    b[ph + 8..ph + 16].copy_from_slice(&0x800u64.to_le_bytes());
+    b[ph + 16..ph + 24].copy_from_slice(&0x20_0000u64.to_le_bytes());
+    b[ph + 24..ph + 32].copy_from_slice(&0x20_0000u64.to_le_bytes());
+    b[ph + 32..ph + 40].copy_from_slice(&0x100u64.to_le_bytes());
+    b[ph + 40..ph + 48].copy_from_slice(&memsz.to_le_bytes());
+    b
+}

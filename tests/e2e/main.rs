@@ -1,0 +1,7 @@
+//! End-to-end tests: they run the `amsvm` binary on real KVM VMs. /dev/kvm is required;
+//! without it these tests fail (they never skip silently).
+
+mod bad_input;
+mod common;
+mod disk;
+mod partitions;

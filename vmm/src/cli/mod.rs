@@ -1,0 +1,62 @@
+//! amsvm subcommands. Exit status: 0 success, 1 a guest failed (verification failure,
+//! crash), 2 bad input (command line, config, images) — with a one-line error.
+
+mod bench;
+mod boot;
+mod run;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "amsvm", version, about = "Run partitions out of one shared memory pool on KVM")]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot every partition a config names and wait for them; print a summary.
+    Run {
+        /// The TOML configuration.
+        config: PathBuf,
+        /// Copy every partition's console to stdout, prefixed with its name.
+        #[arg(long)]
+        console: bool,
+    },
+    /// Boot one Linux guest.
+    Boot(boot::BootArgs),
+    /// Measurements (not tests): print tables of measured figures.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCmd,
+    },
+}
+
+/// Exit status for bad input.
+pub const EXIT_BAD_INPUT: i32 = 2;
+/// Exit status when a guest failed.
+pub const EXIT_GUEST_FAILED: i32 = 1;
+
+pub fn main() -> i32 {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AMSVM_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_BAD_INPUT } else { 0 };
+        }
+    };
+    match cli.cmd {
+        Command::Run { config, console } => run::run(&config, console),
+        Command::Boot(args) => boot::boot(args),
+        Command::Bench { what } => bench::bench(what),
+    }
+}

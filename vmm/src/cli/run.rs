@@ -1,0 +1,127 @@
+//! `amsvm run CONFIG`: boot every partition, wait, print a per-partition summary.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::{BootConfig, Config, PartitionSpec};
+use crate::metrics::PartitionMetrics;
+use crate::partition::{self, Outcome, Partition, PartitionControl, Report, Shared};
+
+use super::{EXIT_BAD_INPUT, EXIT_GUEST_FAILED};
+
+/// Run already-validated partitions to the end. Errors while building (before any guest
+/// runs) are returned; nothing is left running.
+pub fn run_specs(specs: &[PartitionSpec], epoch: Instant) -> crate::Result<Vec<Report>> {
+    run_specs_observed(specs, epoch, None)
+}
+
+/// What an observer of running partitions sees: their counters and the host address
+/// ranges of their guest RAM.
+pub struct Observed<'a> {
+    pub metrics: &'a [Arc<PartitionMetrics>],
+    pub guest_ranges: &'a [(u64, u64)],
+    pub controls: &'a [PartitionControl],
+}
+
+/// [`run_specs`], with `observe` called on its own thread once every partition started.
+pub fn run_specs_observed(
+    specs: &[PartitionSpec],
+    epoch: Instant,
+    observe: Option<&(dyn Fn(Observed) + Sync)>,
+) -> crate::Result<Vec<Report>> {
+    let kvm = kvm_ioctls::Kvm::new().map_err(crate::Error::KvmOpen)?;
+    let image = crate::images::workload_elf();
+    for s in specs {
+        partition::prepare_disks(s)?;
+        if let BootConfig::Native { image: Some(p), .. } = &s.boot {
+            let bytes = std::fs::read(p).map_err(|source| crate::Error::Io { path: p.clone(), source })?;
+            crate::kvm::native::check_elf(p, &bytes, s.mem_bytes)?;
+        }
+    }
+    // Build every partition before starting any: bad input stops everything up front.
+    let mut built = Vec::new();
+    for s in specs {
+        let shared = Shared::new(&s.name, Arc::new(PartitionMetrics::default()), epoch);
+        let p = Partition::build(&kvm, s, shared, image)
+            .map_err(|e| crate::Error::Other(format!("partition \"{}\": {e}", s.name)))?;
+        built.push(p);
+    }
+    let ctls: Vec<_> = specs.iter().map(|_| PartitionControl::default()).collect();
+    let metrics: Vec<_> = built.iter().map(|p| p.shared.metrics.clone()).collect();
+    let ranges: Vec<_> = built.iter().flat_map(|p| p.guest_ranges()).collect();
+    let reports = std::thread::scope(|sc| {
+        if let Some(f) = observe {
+            let (metrics, ranges, ctls) = (&metrics, &ranges, &ctls);
+            sc.spawn(move || f(Observed { metrics, guest_ranges: ranges, controls: ctls }));
+        }
+        let handles: Vec<_> = specs
+            .iter()
+            .zip(built)
+            .zip(&ctls)
+            .map(|((s, p), ctl)| {
+                let kvm = &kvm;
+                sc.spawn(move || partition::supervise(kvm, s, p, epoch, image, ctl))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("partition supervisor panicked")).collect::<Vec<_>>()
+    });
+    Ok(reports)
+}
+
+/// Did the partition end well?
+pub fn success(r: &Report) -> bool {
+    matches!(r.outcome, Outcome::Exited(0) | Outcome::PowerOff) && r.metrics.verify_failures.load(std::sync::atomic::Ordering::Relaxed) == 0
+        && r.metrics.disk_failures.load(std::sync::atomic::Ordering::Relaxed) == 0
+}
+
+pub fn print_summary(reports: &[Report]) {
+    use std::sync::atomic::Ordering::Relaxed;
+    println!(
+        "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10}  outcome",
+        "partition", "touched", "verified", "written", "failures", "disk-ok", "disk-bad", "exits"
+    );
+    for r in reports {
+        let m = &r.metrics;
+        println!(
+            "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10}  {}",
+            r.name,
+            m.pages_touched.load(Relaxed),
+            m.pages_verified.load(Relaxed),
+            m.pages_written.load(Relaxed),
+            m.verify_failures.load(Relaxed),
+            m.disk_blocks_verified.load(Relaxed),
+            m.disk_failures.load(Relaxed),
+            m.exits.load(Relaxed),
+            r.outcome
+        );
+    }
+}
+
+pub fn run(config: &Path, console: bool) -> i32 {
+    let epoch = Instant::now();
+    let mut specs = match Config::from_file(config) {
+        Ok((_, s)) => s,
+        Err(e) => {
+            eprintln!("amsvm: {e}");
+            return EXIT_BAD_INPUT;
+        }
+    };
+    if console {
+        specs.iter_mut().for_each(|s| s.console_stdout = true);
+    }
+    eprintln!("amsvm: starting {} partition(s) from {}", specs.len(), config.display());
+    let reports = match run_specs(&specs, epoch) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("amsvm: {e}");
+            return EXIT_BAD_INPUT;
+        }
+    };
+    print_summary(&reports);
+    if reports.iter().all(success) {
+        0
+    } else {
+        EXIT_GUEST_FAILED
+    }
+}

@@ -1,0 +1,37 @@
+//! Creating a KVM VM: the in-kernel interrupt controllers (PIC, IOAPIC, LAPICs), the PIT,
+//! and guest RAM slots.
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::{Error, GuestMemory, Result};
+
+/// Where KVM may place its three-page TSS for real-mode emulation: just below the BIOS
+/// area at the top of 32-bit space, outside guest RAM and the device window.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Create a VM with in-kernel irqchip and PIT, and register `mem` with it.
+pub fn create(kvm: &Kvm, mem: &GuestMemory) -> Result<VmFd> {
+    let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(Error::kvm("KVM_CREATE_PIT2"))?;
+    super::memory::register(&vm, mem)?;
+    Ok(vm)
+}
+
+/// Mask every line of both 8259 PICs. Native images run with no IDT: an interrupt
+/// delivered to them would be fatal, so their devices' interrupt lines (irqfds) must
+/// never reach the vCPU. The IOAPIC's redirection entries are masked from reset and the
+/// image never unmasks anything.
+pub fn mask_legacy_pic(vm: &VmFd) -> Result<()> {
+    for chip_id in [kvm_bindings::KVM_IRQCHIP_PIC_MASTER, kvm_bindings::KVM_IRQCHIP_PIC_SLAVE] {
+        let mut chip = kvm_bindings::kvm_irqchip { chip_id, ..Default::default() };
+        vm.get_irqchip(&mut chip).map_err(Error::kvm("KVM_GET_IRQCHIP"))?;
+        // SAFETY: chip_id selects a PIC, so `pic` is the union member KVM filled in.
+        unsafe { chip.chip.pic.imr = 0xff };
+        vm.set_irqchip(&chip).map_err(Error::kvm("KVM_SET_IRQCHIP"))?;
+    }
+    Ok(())
+}
