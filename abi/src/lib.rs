@@ -5,7 +5,7 @@
 //! A native image runs entirely at CPL3 (see DESIGN.md). It is entered with:
 //! - `rip` = ELF entry point, `rsp` = [`layout::STACK_TOP`], `rdi` = [`layout::BOOT_INFO`],
 //! - identity paging of all guest RAM and of the virtio-mmio window, user bit set,
-//! - `rflags.IOPL = 3` (port I/O allowed), interrupts disabled; any exception is fatal
+//! - port I/O allowed by the TSS I/O bitmap, no interrupts delivered; any exception is fatal
 //!   (no IDT: the VM triple-faults and amsvm reports the partition as crashed).
 #![no_std]
 
@@ -40,15 +40,6 @@ pub mod layout {
     pub const MAX_DEVICES: usize = 16;
     /// GSI of device `i` is `FIRST_DEVICE_IRQ + i`.
     pub const FIRST_DEVICE_IRQ: u32 = 5;
-    /// Hypercall doorbell: a 32-bit MMIO store of the hypercall number to this address does
-    /// what the `out` to [`super::HYPERCALL_PORT`] does. No memslot covers it, so the store
-    /// exits to amsvm (`KVM_EXIT_MMIO`). Needed because port I/O from CPL3 faults under the
-    /// nested PVM KVM of our machines (it runs guest user mode with IOPL forced to 0, and
-    /// with IF=1), while MMIO exits work from CPL3 on every KVM.
-    pub const HYPERCALL_MMIO: u64 = 0xCFFF_E000;
-    /// The console as a 16550 register window on MMIO (byte registers: THR/RBR at +0,
-    /// LSR at +5), the MMIO twin of port 0x3f8, for the same reason.
-    pub const CONSOLE_MMIO: u64 = 0xCFFF_F000;
 }
 
 /// Port-I/O hypercall interface. The guest fills the [`Mailbox`] and writes the hypercall
@@ -287,6 +278,5 @@ mod tests {
         assert!(PAGE_TABLES + 6 * 0x1000 <= TSS && TSS + 0x68 + 8192 + 1 <= PAGE_TABLES_END);
         assert!(PAGE_TABLES_END <= STACK_TOP && STACK_TOP <= IMAGE_MIN);
         assert!(MAX_RAM <= MMIO_BASE);
-        assert!(MAX_RAM <= HYPERCALL_MMIO && HYPERCALL_MMIO + 0x1000 <= CONSOLE_MMIO && CONSOLE_MMIO + 0x1000 <= MMIO_BASE);
     }
 }

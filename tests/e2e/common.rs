@@ -38,6 +38,8 @@ pub struct Row {
     pub failures: u64,
     pub disk_ok: u64,
     pub disk_bad: u64,
+    pub exits: u64,
+    pub rejected: u64,
     pub outcome: String,
 }
 
@@ -50,7 +52,7 @@ pub fn summary(stdout: &str) -> Vec<Row> {
         .take_while(|l| !l.trim().is_empty())
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            assert!(f.len() >= 9, "short summary row: {l}");
+            assert!(f.len() >= 10, "short summary row: {l}");
             let n = |i: usize| f[i].parse::<u64>().unwrap_or_else(|_| panic!("bad number in summary row: {l}"));
             Row {
                 name: f[0].to_string(),
@@ -60,7 +62,9 @@ pub fn summary(stdout: &str) -> Vec<Row> {
                 failures: n(4),
                 disk_ok: n(5),
                 disk_bad: n(6),
-                outcome: f[8..].join(" "),
+                exits: n(7),
+                rejected: n(8),
+                outcome: f[9..].join(" "),
             }
         })
         .collect()

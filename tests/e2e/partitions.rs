@@ -25,9 +25,11 @@ fn four_workload_partitions_verify_every_page_and_exit_cleanly() {
         assert_eq!(r.name, format!("p{i}"));
         assert_eq!(r.outcome, "exited ok", "{stdout}");
         assert_eq!(r.failures, 0, "{stdout}");
+        assert_eq!(r.rejected, 0, "the workload makes no request amsvm rejects: {stdout}");
         // 3 passes over the working set, then a final check of every page.
         assert!(r.touched >= 3 * ws_pages, "{r:?}");
         assert!(r.written > 0, "{r:?}");
+        assert!(r.exits > 0, "{r:?}");
         assert!(r.verified >= ws_pages, "every page is verified at least once at the end: {r:?}");
         let log = std::fs::read_to_string(dir.path().join("logs").join(format!("p{i}.log"))).unwrap();
         assert!(!log.trim().is_empty(), "partition p{i} printed nothing on its console");

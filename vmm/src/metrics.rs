@@ -3,6 +3,7 @@
 //! a consistent snapshot across counters.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 use amsvm_abi::Progress;
 
@@ -29,6 +30,30 @@ pub struct PartitionMetrics {
     pub first_exit_ns: AtomicU64,
     /// Resets (reboots) of this partition.
     pub resets: AtomicU64,
+    /// Counters of the partition's devices (all incarnations, across resets).
+    pub devices: Mutex<Vec<Arc<dyn DeviceCounters>>>,
+}
+
+/// What every device model reports to its partition's metrics.
+pub trait DeviceCounters: Send + Sync + std::fmt::Debug {
+    /// Guest requests or register accesses the device rejected: malformed descriptor
+    /// chains, out-of-range requests, accesses out of protocol.
+    fn rejected(&self) -> u64;
+}
+
+impl DeviceCounters for crate::devices::virtio::mmio::MmioMetrics {
+    fn rejected(&self) -> u64 {
+        self.bad_accesses.load(Relaxed)
+            + self.bad_notifications.load(Relaxed)
+            + self.activation_failures.load(Relaxed)
+            + self.feature_rejections.load(Relaxed)
+    }
+}
+
+impl DeviceCounters for crate::devices::virtio::blk::BlockMetrics {
+    fn rejected(&self) -> u64 {
+        self.rejected_chains.load(Relaxed) + self.invalid_heads.load(Relaxed) + self.read_only_rejections.load(Relaxed)
+    }
 }
 
 impl PartitionMetrics {
@@ -41,6 +66,17 @@ impl PartitionMetrics {
         self.verify_failures.store(p.verify_failures, Relaxed);
         self.disk_blocks_verified.store(p.disk_blocks_verified, Relaxed);
         self.disk_failures.store(p.disk_failures, Relaxed);
+    }
+
+    /// Everything rejected from the guest: unclaimed port/MMIO accesses, bad hypercalls
+    /// and what the devices rejected.
+    pub fn rejected(&self) -> u64 {
+        let devices: u64 = self.devices.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|d| d.rejected()).sum();
+        self.unknown_io.load(Relaxed) + self.unknown_mmio.load(Relaxed) + self.bad_hypercalls.load(Relaxed) + devices
+    }
+
+    pub fn add_device(&self, d: Arc<dyn DeviceCounters>) {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner()).push(d);
     }
 
     pub fn progress(&self) -> Progress {

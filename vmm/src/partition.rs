@@ -244,8 +244,10 @@ impl Partition {
             let id = format!("{}-disk{i}", spec.name);
             let blk = VirtioBlock::new(&d.path, d.read_only, &id)
                 .map_err(|e| Error::Device(format!("partition \"{}\": disk {}: {e}", spec.name, d.path.display())))?;
+            shared.metrics.add_device(blk.metrics());
             let t = MmioTransport::new(Box::new(blk), mem.clone(), &vm, base, gsi)
                 .map_err(|e| Error::Device(format!("partition \"{}\": virtio-mmio for disk {i}: {e}", spec.name)))?;
+            shared.metrics.add_device(t.metrics());
             let t = Arc::new(Mutex::new(t));
             mmio.insert(base, layout::MMIO_SIZE, t.clone()).map_err(bus_err)?;
             event_manager.add_subscriber(t);

@@ -1,13 +1,13 @@
-//! The 16550 console at [`amsvm_abi::layout::CONSOLE_MMIO`], written by polling. Every
-//! register access is a VM exit, so callers keep their output short. (The port-I/O twin
-//! at 0x3f8 faults at CPL3 under the nested PVM KVM of our machines.)
+//! The 16550 console at port [`COM1`], written by polling. Every register access is a VM
+//! exit, so callers keep their output short.
 
-use amsvm_abi::layout::CONSOLE_MMIO;
+/// The console's base port (the boot-info page's `serial_port`).
+const COM1: u16 = 0x3f8;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 /// Transmit holding register, line status register and its "THR empty" bit.
-const THR: u64 = 0;
-const LSR: u64 = 5;
+const THR: u16 = 0;
+const LSR: u16 = 5;
 const LSR_THRE: u8 = 1 << 5;
 /// How many LSR reads to wait for THRE before writing anyway. An emulated UART reports
 /// THRE at once; one that never does must not cost this many exits per byte, so after
@@ -15,15 +15,16 @@ const LSR_THRE: u8 = 1 << 5;
 const THRE_SPINS: u32 = 1000;
 static NO_THRE: AtomicBool = AtomicBool::new(false);
 
-fn read_reg(off: u64) -> u8 {
-    // SAFETY: an identity-mapped, user-accessible register window with no memory behind
-    // it: the load exits to amsvm.
-    unsafe { ((CONSOLE_MMIO + off) as *const u8).read_volatile() }
+fn read_reg(off: u16) -> u8 {
+    let v: u8;
+    // SAFETY: a port read of the UART exits to amsvm; it touches no memory.
+    unsafe { core::arch::asm!("in al, dx", in("dx") COM1 + off, out("al") v, options(nomem, nostack, preserves_flags)) };
+    v
 }
 
-fn write_reg(off: u64, value: u8) {
-    // SAFETY: as for `read_reg`.
-    unsafe { ((CONSOLE_MMIO + off) as *mut u8).write_volatile(value) }
+fn write_reg(off: u16, value: u8) {
+    // SAFETY: a port write to the UART exits to amsvm; it touches no memory.
+    unsafe { core::arch::asm!("out dx, al", in("dx") COM1 + off, in("al") value, options(nomem, nostack, preserves_flags)) };
 }
 
 pub fn write_byte(b: u8) {

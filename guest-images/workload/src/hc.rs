@@ -1,9 +1,8 @@
-//! Hypercalls: arguments go into the mailbox page, then a 32-bit store of the hypercall
-//! number to the MMIO doorbell [`layout::HYPERCALL_MMIO`]; the vCPU is blocked in amsvm
-//! until it is done. (The `out` to `HYPERCALL_PORT` that the ABI also offers faults at
-//! CPL3 under the nested PVM KVM of our machines; the MMIO exit works on every KVM.)
+//! Hypercalls: arguments go into the mailbox page, then a 32-bit `out` of the hypercall
+//! number to [`HYPERCALL_PORT`]; the vCPU is blocked in amsvm until it is done. amsvm
+//! grants CPL3 port access through the TSS I/O permission bitmap (see `amsvm_abi`).
 
-use amsvm_abi::{hc, layout, Mailbox, Progress};
+use amsvm_abi::{hc, layout, Mailbox, Progress, HYPERCALL_PORT};
 use core::ptr::{addr_of, addr_of_mut};
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,9 +22,10 @@ fn call(nr: u32) {
     // Mailbox accesses are volatile too, so the compiler keeps them on their side of the
     // doorbell store; the fences say so explicitly. x86 does not reorder stores.
     core::sync::atomic::compiler_fence(Ordering::SeqCst);
-    // SAFETY: the doorbell is identity-mapped, user-accessible and backed by no memory:
-    // the store exits to amsvm, which only reads and writes the mailbox page.
-    unsafe { (layout::HYPERCALL_MMIO as *mut u32).write_volatile(nr) };
+    // SAFETY: port I/O to the hypercall port exits to amsvm, which only reads and writes
+    // the mailbox page; no Rust-visible memory other than the mailbox changes. The asm
+    // is not `nomem`: the mailbox stores above must happen before it.
+    unsafe { core::arch::asm!("out dx, eax", in("dx") HYPERCALL_PORT, in("eax") nr, options(nostack, preserves_flags)) };
     core::sync::atomic::compiler_fence(Ordering::SeqCst);
 }
 

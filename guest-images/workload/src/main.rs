@@ -275,8 +275,8 @@ fn configure(bi_ptr: *const BootInfo) -> Plan {
     ensure!(bi.magic == BOOT_INFO_MAGIC, "boot-info magic {:#x}, want {:#x}", bi.magic, BOOT_INFO_MAGIC);
     ensure!(bi.version == BOOT_INFO_VERSION, "boot-info version {}, want {}", bi.version, BOOT_INFO_VERSION);
     ensure!(bi.size as u64 == bi_size, "boot-info size {}, want {}", bi.size, bi_size);
-    // `serial_port` and `hypercall_port` are not used: the console and the hypercall
-    // doorbell are reached by MMIO (see console.rs and hc.rs).
+    // `serial_port` and `hypercall_port` are the ABI's fixed ports (see console.rs, hc.rs).
+    ensure!(bi.serial_port == 0x3f8 && bi.hypercall_port == amsvm_abi::HYPERCALL_PORT, "unexpected ports");
 
     // Only the symbol's address is taken.
     let image_end = core::ptr::addr_of!(__image_end) as u64;

@@ -21,7 +21,6 @@ pub fn run_specs(specs: &[PartitionSpec], epoch: Instant) -> crate::Result<Vec<R
 pub struct Observed<'a> {
     pub metrics: &'a [Arc<PartitionMetrics>],
     pub guest_ranges: &'a [(u64, u64)],
-    pub controls: &'a [PartitionControl],
 }
 
 /// [`run_specs`], with `observe` called on its own thread once every partition started.
@@ -52,8 +51,8 @@ pub fn run_specs_observed(
     let ranges: Vec<_> = built.iter().flat_map(|p| p.guest_ranges()).collect();
     let reports = std::thread::scope(|sc| {
         if let Some(f) = observe {
-            let (metrics, ranges, ctls) = (&metrics, &ranges, &ctls);
-            sc.spawn(move || f(Observed { metrics, guest_ranges: ranges, controls: ctls }));
+            let (metrics, ranges) = (&metrics, &ranges);
+            sc.spawn(move || f(Observed { metrics, guest_ranges: ranges }));
         }
         let handles: Vec<_> = specs
             .iter()
@@ -78,13 +77,13 @@ pub fn success(r: &Report) -> bool {
 pub fn print_summary(reports: &[Report]) {
     use std::sync::atomic::Ordering::Relaxed;
     println!(
-        "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10}  outcome",
-        "partition", "touched", "verified", "written", "failures", "disk-ok", "disk-bad", "exits"
+        "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9}  outcome",
+        "partition", "touched", "verified", "written", "failures", "disk-ok", "disk-bad", "exits", "rejected"
     );
     for r in reports {
         let m = &r.metrics;
         println!(
-            "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10}  {}",
+            "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9}  {}",
             r.name,
             m.pages_touched.load(Relaxed),
             m.pages_verified.load(Relaxed),
@@ -93,6 +92,7 @@ pub fn print_summary(reports: &[Report]) {
             m.disk_blocks_verified.load(Relaxed),
             m.disk_failures.load(Relaxed),
             m.exits.load(Relaxed),
+            m.rejected(),
             r.outcome
         );
     }

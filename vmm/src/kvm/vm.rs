@@ -29,8 +29,9 @@ pub fn mask_legacy_pic(vm: &VmFd) -> Result<()> {
     for chip_id in [kvm_bindings::KVM_IRQCHIP_PIC_MASTER, kvm_bindings::KVM_IRQCHIP_PIC_SLAVE] {
         let mut chip = kvm_bindings::kvm_irqchip { chip_id, ..Default::default() };
         vm.get_irqchip(&mut chip).map_err(Error::kvm("KVM_GET_IRQCHIP"))?;
-        // SAFETY: chip_id selects a PIC, so `pic` is the union member KVM filled in.
-        unsafe { chip.chip.pic.imr = 0xff };
+        // chip_id selects a PIC, so `pic` is the union member KVM filled in (writing a
+        // union field is safe; only reads are not).
+        chip.chip.pic.imr = 0xff;
         vm.set_irqchip(&chip).map_err(Error::kvm("KVM_SET_IRQCHIP"))?;
     }
     Ok(())
