@@ -126,8 +126,11 @@ pub struct WorkloadParams {
     pub hot_pct: u32,
     /// Percentage of accesses that go to the hot spot.
     pub hot_access_pct: u32,
-    /// Reserved, zero.
-    pub _pad: u32,
+    /// Hostile-guest mode of the workload: 0 = off; 1 = before the disk test and the
+    /// memory workload, send requests amsvm must reject (unclaimed ports and MMIO, bad
+    /// hypercalls, out-of-protocol virtio-mmio register writes, malformed virtio-blk
+    /// descriptor chains), then check that the disk still works.
+    pub chaos: u32,
     /// Accesses per hot-spot phase.
     pub phase_accesses: u64,
     /// Report progress every this many accesses (0 = [`DEFAULT_REPORT_EVERY`]).
@@ -195,7 +198,7 @@ impl BootInfo {
                 zipf_theta_milli: 0,
                 hot_pct: 0,
                 hot_access_pct: 0,
-                _pad: 0,
+                chaos: 0,
                 phase_accesses: 0,
                 report_every: 0,
                 disk_test_blocks: 0,

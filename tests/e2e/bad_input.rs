@@ -49,7 +49,7 @@ fn image_errors_name_the_image() {
     let corrupt = write_config(p, "corrupt.toml", &native("c", 32, "corrupt.elf"));
     expect_bad_input(&["run", corrupt.to_str().unwrap()], p, &["corrupt.elf"]);
     // A valid ELF whose segment lies beyond the partition's 8 MiB of RAM.
-    std::fs::write(p.join("big.elf"), big_elf(0x80_0000)).unwrap();
+    std::fs::write(p.join("big.elf"), tiny_elf(&[0xeb, 0xfe], 0x80_0000)).unwrap();
     let big = write_config(p, "big.toml", &format!("[[partition]]\nname = \"b\"\nlogical_mib = 8\nimage = \"big.elf\"\n"));
     expect_bad_input(&["run", big.to_str().unwrap()], p, &["big.elf", "does not fit in guest memory"]);
     // Linux: missing kernel, corrupt kernel, through both `run` and `boot`.
@@ -58,29 +58,4 @@ fn image_errors_name_the_image() {
     expect_bad_input(&["boot", "--kernel", "junk-vmlinuz", "--mem", "64"], p, &["junk-vmlinuz"]);
     expect_bad_input(&["boot", "--kernel", "junk-vmlinuz", "--mem", "0"], p, &["--mem", "0 MiB"]);
     expect_bad_input(&["boot", "--kernel", "junk-vmlinuz", "--mem", "99999999"], p, &["--mem", "larger than this host"]);
-}
-
-/// A minimal static ELF64 x86-64 executable with one segment at 2 MiB of `memsz` bytes.
-fn big_elf(memsz: u64) -> Vec<u8> {
-    let mut b = vec![0u8; 0x1000];
-    b[..4].copy_from_slice(b"\x7fELF");
-    b[4] = 2;
-    b[5] = 1;
-    b[6] = 1;
-    b[16..18].copy_from_slice(&2u16.to_le_bytes());
-    b[18..20].copy_from_slice(&62u16.to_le_bytes());
-    b[20..24].copy_from_slice(&1u32.to_le_bytes());
-    b[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes());
-    b[32..40].copy_from_slice(&64u64.to_le_bytes());
-    b[52..54].copy_from_slice(&64u16.to_le_bytes());
-    b[54..56].copy_from_slice(&56u16.to_le_bytes());
-    b[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let ph = 64;
-    b[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
-    b[ph + 8..ph + 16].copy_from_slice(&0x800u64.to_le_bytes());
-    b[ph + 16..ph + 24].copy_from_slice(&0x20_0000u64.to_le_bytes());
-    b[ph + 24..ph + 32].copy_from_slice(&0x20_0000u64.to_le_bytes());
-    b[ph + 32..ph + 40].copy_from_slice(&0x100u64.to_le_bytes());
-    b[ph + 40..ph + 48].copy_from_slice(&memsz.to_le_bytes());
-    b
 }

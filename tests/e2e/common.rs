@@ -69,3 +69,44 @@ pub fn summary(stdout: &str) -> Vec<Row> {
         })
         .collect()
 }
+
+/// A minimal static ELF64 x86-64 native image: `code` at 2 MiB (the entry point), in one
+/// segment of `memsz` bytes.
+pub fn tiny_elf(code: &[u8], memsz: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 0x1000];
+    b[..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2;
+    b[5] = 1;
+    b[6] = 1;
+    b[16..18].copy_from_slice(&2u16.to_le_bytes());
+    b[18..20].copy_from_slice(&62u16.to_le_bytes());
+    b[20..24].copy_from_slice(&1u32.to_le_bytes());
+    b[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes());
+    b[32..40].copy_from_slice(&64u64.to_le_bytes());
+    b[52..54].copy_from_slice(&64u16.to_le_bytes());
+    b[54..56].copy_from_slice(&56u16.to_le_bytes());
+    b[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 64;
+    b[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+    b[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes());
+    b[ph + 8..ph + 16].copy_from_slice(&0x800u64.to_le_bytes());
+    b[ph + 16..ph + 24].copy_from_slice(&0x20_0000u64.to_le_bytes());
+    b[ph + 24..ph + 32].copy_from_slice(&0x20_0000u64.to_le_bytes());
+    b[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    b[ph + 40..ph + 48].copy_from_slice(&memsz.max(code.len() as u64).to_le_bytes());
+    b[0x800..0x800 + code.len()].copy_from_slice(code);
+    b
+}
+
+/// x86 snippets for hand-made native images.
+pub mod asm {
+    /// `mov dx, port; mov al, v; out dx, al`
+    pub fn outb(port: u16, v: u8) -> Vec<u8> {
+        let p = port.to_le_bytes();
+        vec![0x66, 0xba, p[0], p[1], 0xb0, v, 0xee]
+    }
+    /// `jmp $`
+    pub const SPIN: [u8; 2] = [0xeb, 0xfe];
+    /// `ud2`
+    pub const UD2: [u8; 2] = [0x0f, 0x0b];
+}

@@ -122,6 +122,9 @@ pub struct WorkloadConfig {
     pub report_every: u64,
     #[serde(default)]
     pub disk_test_blocks: u64,
+    /// Hostile requests before the normal workload (`WorkloadParams::chaos`).
+    #[serde(default)]
+    pub chaos: bool,
 }
 
 fn default_pattern() -> String {
@@ -349,7 +352,7 @@ impl WorkloadConfig {
             zipf_theta_milli: (self.zipf_theta * 1000.0).round() as u32,
             hot_pct: self.hot_pct,
             hot_access_pct: self.hot_access_pct,
-            _pad: 0,
+            chaos: u32::from(self.chaos),
             phase_accesses: if self.phase_accesses == 0 { pages * 2 } else { self.phase_accesses },
             report_every: self.report_every,
             disk_test_blocks: self.disk_test_blocks,

@@ -229,7 +229,8 @@ impl Partition {
         let bus_err = |e: crate::devices::BusError| Error::Device(e.to_string());
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("eventfd: {e}")))?;
         vm.register_irqfd(&serial_irq, COM1_GSI).map_err(Error::kvm("KVM_IRQFD (serial)"))?;
-        let console = ConsoleOut::new(spec.log_path.as_deref(), spec.console_stdout.then(|| spec.name.clone()))
+        let append = shared.metrics.resets.load(Relaxed) > 0;
+        let console = ConsoleOut::new(spec.log_path.as_deref(), append, spec.console_stdout.then(|| spec.name.clone()))
             .map_err(|source| Error::Io { path: spec.log_path.clone().unwrap_or_default(), source })?;
         io.insert(COM1_PORT, 8, Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)))).map_err(bus_err)?;
         io.insert(power::ACPI_SLEEP_CONTROL_PORT, power::ACPI_PORTS_LEN, Arc::new(Mutex::new(AcpiPower(sink.clone()))))

@@ -1,7 +1,7 @@
 //! `amsvm run CONFIG`: boot every partition, wait, print a per-partition summary.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use crate::config::{BootConfig, Config, PartitionSpec};
@@ -23,7 +23,7 @@ pub struct Observed<'a> {
     pub guest_ranges: &'a [(u64, u64)],
 }
 
-/// [`run_specs`], with `observe` called on its own thread once every partition started.
+/// [`run_specs`], with `observe` called once every partition is built and started.
 pub fn run_specs_observed(
     specs: &[PartitionSpec],
     epoch: Instant,
@@ -38,34 +38,62 @@ pub fn run_specs_observed(
             crate::kvm::native::check_elf(p, &bytes, s.mem_bytes)?;
         }
     }
-    // Build every partition before starting any: bad input stops everything up front.
-    let mut built = Vec::new();
-    for s in specs {
-        let shared = Shared::new(&s.name, Arc::new(PartitionMetrics::default()), epoch);
-        let p = Partition::build(&kvm, s, shared, image)
-            .map_err(|e| crate::Error::Other(format!("partition \"{}\": {e}", s.name)))?;
-        built.push(p);
-    }
+    // Partitions are built and started in parallel, each as soon as it is ready. The
+    // checks above caught bad input before any VM existed; should a build still fail,
+    // every other partition is stopped and the error returned.
+    let n = specs.len();
     let ctls: Vec<_> = specs.iter().map(|_| PartitionControl::default()).collect();
-    let metrics: Vec<_> = built.iter().map(|p| p.shared.metrics.clone()).collect();
-    let ranges: Vec<_> = built.iter().flat_map(|p| p.guest_ranges()).collect();
+    let metrics: Vec<_> = specs.iter().map(|_| Arc::new(PartitionMetrics::default())).collect();
+    let ranges = Mutex::new(Vec::new());
+    let built = (Mutex::new(0usize), Condvar::new());
+    let build_error: Mutex<Option<crate::Error>> = Mutex::new(None);
+    let mark_built = || {
+        *built.0.lock().unwrap() += 1;
+        built.1.notify_all();
+    };
     let reports = std::thread::scope(|sc| {
-        if let Some(f) = observe {
-            let (metrics, ranges) = (&metrics, &ranges);
-            sc.spawn(move || f(Observed { metrics, guest_ranges: ranges }));
-        }
         let handles: Vec<_> = specs
             .iter()
-            .zip(built)
-            .zip(&ctls)
-            .map(|((s, p), ctl)| {
-                let kvm = &kvm;
-                sc.spawn(move || partition::supervise(kvm, s, p, epoch, image, ctl))
+            .enumerate()
+            .map(|(i, s)| {
+                let (kvm, ctls, metrics, ranges, build_error, mark_built) = (&kvm, &ctls, &metrics, &ranges, &build_error, &mark_built);
+                sc.spawn(move || {
+                    let t = Instant::now();
+                    let shared = Shared::new(&s.name, metrics[i].clone(), epoch);
+                    match Partition::build(kvm, s, shared, image) {
+                        Err(e) => {
+                            build_error.lock().unwrap().get_or_insert(crate::Error::Other(format!("partition \"{}\": {e}", s.name)));
+                            ctls.iter().for_each(PartitionControl::stop);
+                            mark_built();
+                            None
+                        }
+                        Ok(p) => {
+                            tracing::debug!(partition = %s.name, "built in {:?} ({:?} since start)", t.elapsed(), epoch.elapsed());
+                            ranges.lock().unwrap().extend(p.guest_ranges());
+                            mark_built();
+                            Some(partition::supervise(kvm, s, p, epoch, image, &ctls[i]))
+                        }
+                    }
+                })
             })
             .collect();
+        if let Some(f) = observe {
+            let mut g = built.0.lock().unwrap();
+            while *g < n {
+                g = built.1.wait(g).unwrap();
+            }
+            drop(g);
+            if build_error.lock().unwrap().is_none() {
+                let ranges = ranges.lock().unwrap().clone();
+                f(Observed { metrics: &metrics, guest_ranges: &ranges });
+            }
+        }
         handles.into_iter().map(|h| h.join().expect("partition supervisor panicked")).collect::<Vec<_>>()
     });
-    Ok(reports)
+    if let Some(e) = build_error.into_inner().unwrap() {
+        return Err(e);
+    }
+    Ok(reports.into_iter().flatten().collect())
 }
 
 /// Did the partition end well?

@@ -35,15 +35,17 @@ pub struct ConsoleOut {
 }
 
 impl ConsoleOut {
-    /// `log`: the per-partition log file (created or truncated); `stdout_prefix`: copy
-    /// lines to stdout as `[prefix] line`.
-    pub fn new(log: Option<&Path>, stdout_prefix: Option<String>) -> io::Result<Self> {
+    /// `log`: the per-partition log file (truncated unless `append`, which a partition
+    /// rebuilt after a reset uses); `stdout_prefix`: copy lines to stdout as
+    /// `[prefix] line`.
+    pub fn new(log: Option<&Path>, append: bool, stdout_prefix: Option<String>) -> io::Result<Self> {
         let log = match log {
             Some(p) => {
                 if let Some(dir) = p.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
-                Some(io::BufWriter::new(File::create(p)?))
+                let f = std::fs::OpenOptions::new().create(true).write(true).append(append).truncate(!append).open(p)?;
+                Some(io::BufWriter::new(f))
             }
             None => None,
         };
@@ -132,7 +134,7 @@ mod tests {
     fn console_goes_to_log_and_reports_transmitter_empty() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("sub/p.log");
-        let out = ConsoleOut::new(Some(&log), None).unwrap();
+        let out = ConsoleOut::new(Some(&log), false, None).unwrap();
         let mut dev = SerialDevice::new(EventFd::new(0).unwrap(), out);
         for b in b"hello\nworld\n" {
             dev.write(0, &[*b]);
