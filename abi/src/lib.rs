@@ -40,6 +40,12 @@ pub mod layout {
     pub const MAX_DEVICES: usize = 16;
     /// GSI of device `i` is `FIRST_DEVICE_IRQ + i`.
     pub const FIRST_DEVICE_IRQ: u32 = 5;
+
+    // The areas above are ordered and do not overlap (checked at compile time).
+    const _: () = assert!(GDT < BOOT_INFO && BOOT_INFO < MAILBOX && MAILBOX < PAGE_TABLES);
+    const _: () = assert!(PAGE_TABLES + 6 * 0x1000 <= TSS && TSS + 0x68 + 8192 < PAGE_TABLES_END);
+    const _: () = assert!(PAGE_TABLES_END <= STACK_TOP && STACK_TOP <= IMAGE_MIN);
+    const _: () = assert!(MAX_RAM <= MMIO_BASE);
 }
 
 /// Port-I/O hypercall interface. The guest fills the [`Mailbox`] and writes the hypercall
@@ -273,13 +279,5 @@ mod tests {
         assert!(core::mem::size_of::<Mailbox>() <= 4096);
         let bi = BootInfo::empty();
         assert_eq!(bi.size as usize, core::mem::size_of::<BootInfo>());
-    }
-    #[test]
-    fn layout_is_ordered() {
-        use layout::*;
-        assert!(GDT < BOOT_INFO && BOOT_INFO < MAILBOX && MAILBOX < PAGE_TABLES);
-        assert!(PAGE_TABLES + 6 * 0x1000 <= TSS && TSS + 0x68 + 8192 + 1 <= PAGE_TABLES_END);
-        assert!(PAGE_TABLES_END <= STACK_TOP && STACK_TOP <= IMAGE_MIN);
-        assert!(MAX_RAM <= MMIO_BASE);
     }
 }

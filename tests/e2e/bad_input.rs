@@ -50,9 +50,9 @@ fn image_errors_name_the_image() {
     expect_bad_input(&["run", corrupt.to_str().unwrap()], p, &["corrupt.elf"]);
     // A valid ELF whose segment lies beyond the partition's 8 MiB of RAM.
     std::fs::write(p.join("big.elf"), tiny_elf(&[0xeb, 0xfe], 0x80_0000)).unwrap();
-    let big = write_config(p, "big.toml", &format!("[[partition]]\nname = \"b\"\nlogical_mib = 8\nimage = \"big.elf\"\n"));
+    let big = write_config(p, "big.toml", "[[partition]]\nname = \"b\"\nlogical_mib = 8\nimage = \"big.elf\"\n");
     expect_bad_input(&["run", big.to_str().unwrap()], p, &["big.elf", "does not fit in guest memory"]);
-    // Linux: missing kernel, corrupt kernel, through both `run` and `boot`.
+    // Linux (`amsvm boot`): missing and corrupt kernels, bad memory sizes.
     expect_bad_input(&["boot", "--kernel", "no-such-vmlinuz", "--mem", "64"], p, &["no-such-vmlinuz"]);
     std::fs::write(p.join("junk-vmlinuz"), vec![0x5au8; 8192]).unwrap();
     expect_bad_input(&["boot", "--kernel", "junk-vmlinuz", "--mem", "64"], p, &["junk-vmlinuz"]);

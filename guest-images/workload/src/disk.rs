@@ -14,13 +14,13 @@ pub const DEVICE_ID: u32 = 2;
 pub const AREA_PAGES: u64 = 3;
 
 /// Feature bits (virtio 1.x §5.2.3).
-const F_RO: u64 = 1 << 5;
+pub(crate) const F_RO: u64 = 1 << 5;
 const F_FLUSH: u64 = 1 << 9;
 const F_DISCARD: u64 = 1 << 13;
 
 /// Request types and status values (§5.2.6).
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
+pub(crate) const T_IN: u32 = 0;
+pub(crate) const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 const T_DISCARD: u32 = 11;
@@ -29,11 +29,11 @@ const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
 /// Config space offsets (§5.2.4).
-const CFG_CAPACITY: u64 = 0;
+pub(crate) const CFG_CAPACITY: u64 = 0;
 const CFG_MAX_DISCARD_SECTORS: u64 = 36;
 
-const SECTOR: u64 = 512;
-const SECTORS_PER_BLOCK: u64 = PAGE_SIZE as u64 / SECTOR;
+pub(crate) const SECTOR: u64 = 512;
+pub(crate) const SECTORS_PER_BLOCK: u64 = PAGE_SIZE as u64 / SECTOR;
 /// Length of the GET_ID answer.
 const ID_LEN: usize = 20;
 /// A request that takes longer than this is reported as a device error.
@@ -45,8 +45,8 @@ const MAX_PRINTED_FAILURES: u64 = 4;
 const POISON: u8 = 0xa5;
 
 /// Layout of the request header page.
-const HDR_OFFSET: u64 = 0x00; // struct virtio_blk_req header: type, reserved, sector
-const STATUS_OFFSET: u64 = 0x10; // status byte
+pub(crate) const HDR_OFFSET: u64 = 0x00; // struct virtio_blk_req header: type, reserved, sector
+pub(crate) const STATUS_OFFSET: u64 = 0x10; // status byte
 const DISCARD_OFFSET: u64 = 0x20; // struct virtio_blk_discard_write_zeroes
 const ID_OFFSET: u64 = 0x40; // GET_ID answer
 

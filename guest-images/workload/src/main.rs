@@ -8,6 +8,7 @@
 
 #[macro_use]
 mod console;
+mod chaos;
 mod disk;
 mod hc;
 mod math;
@@ -44,8 +45,11 @@ struct Plan {
     versions: *mut u32,
     /// Page 0 of the working set.
     ws_base: u64,
-    /// The virtio-blk window and the pages reserved for the disk test.
+    /// The virtio-blk window and the pages reserved for its driver (disk test or chaos
+    /// mode).
     disk: Option<(u64, u64)>,
+    /// Chaos mode's targets (`WorkloadParams::chaos`).
+    chaos: Option<chaos::Targets>,
     report_every: u64,
     /// Access budget from `passes` (u64::MAX = none).
     max_accesses: u64,
@@ -55,12 +59,26 @@ struct Plan {
 
 /// Entered from `_start` (rt.rs) with the boot-info address.
 extern "C" fn main(boot_info: *const BootInfo) -> ! {
+    // First thing: one exit, so amsvm can time the start of the guest (`amsvm bench
+    // startup` reports the time to the first exit as the time to the first instruction).
+    let boot_ns = hc::clock_ns();
     let plan = configure(boot_info);
     print_settings(&plan);
+    let setup_us = hc::clock_ns().saturating_sub(boot_ns) / 1000;
+    println!("workload: ready {setup_us} us after its first instruction");
     let mut p = Progress::default();
     hc::progress(&p);
 
-    if let Some((mmio, area)) = plan.disk {
+    if let Some(targets) = &plan.chaos {
+        let r = chaos::run(targets, plan.partition_id, &mut p);
+        hc::progress(&p);
+        if let Err(e) = r {
+            println!("chaos: {e}");
+            finish(&p, 0, 0, true);
+        }
+    }
+
+    if let Some((mmio, area)) = plan.disk.filter(|_| plan.w.disk_test_blocks > 0) {
         // SAFETY: `configure` checked the window and reserved `area` for the disk test.
         let r = unsafe { disk::run(mmio, area, plan.w.disk_test_blocks, plan.partition_id, &mut p) };
         hc::progress(&p);
@@ -239,8 +257,13 @@ fn print_settings(plan: &Plan) {
         _ => print!("hotspot {}% gets {}%, moves every {}", w.hot_pct, w.hot_access_pct, w.phase_accesses),
     }
     println!(
-        ", {}% writes, passes {}, {} ms, seed {}, disk blocks {}",
-        w.write_pct, w.passes, w.duration_ms, w.seed, w.disk_test_blocks
+        ", {}% writes, passes {}, {} ms, seed {}, disk blocks {}{}",
+        w.write_pct,
+        w.passes,
+        w.duration_ms,
+        w.seed,
+        w.disk_test_blocks,
+        if w.chaos != 0 { ", chaos" } else { "" }
     );
 }
 
@@ -323,21 +346,25 @@ fn configure(bi_ptr: *const BootInfo) -> Plan {
         _ => {}
     }
 
-    let disk = if w.disk_test_blocks > 0 {
-        let devices = &bi.devices[..bi.device_count as usize];
-        let d = devices.iter().find(|d| d.device_id == disk::DEVICE_ID);
-        let Some(d) = d else {
-            bad_config(format_args!("disk_test_blocks is {} but there is no virtio-blk device", w.disk_test_blocks));
-        };
-        ensure!(
-            d.mmio_base % PAGE == 0 && d.mmio_base >= mem && d.mmio_size >= virtio::MIN_WINDOW && d.mmio_base.checked_add(d.mmio_size).is_some(),
-            "virtio-blk window {:#x}+{:#x} is not a page-aligned window above RAM",
-            d.mmio_base,
-            d.mmio_size
-        );
-        Some(d.mmio_base)
-    } else {
-        None
+    ensure!(w.chaos <= 1, "chaos {} is not 0 (off) or 1 (on)", w.chaos);
+
+    let devices = &bi.devices[..bi.device_count as usize];
+    let blk = devices.iter().find(|d| d.device_id == disk::DEVICE_ID);
+    if blk.is_none() && w.disk_test_blocks > 0 {
+        bad_config(format_args!("disk_test_blocks is {} but there is no virtio-blk device", w.disk_test_blocks));
+    }
+    // The disk test needs the disk; chaos mode uses it when there is one.
+    let disk = match blk {
+        Some(d) if w.disk_test_blocks > 0 || w.chaos != 0 => {
+            ensure!(
+                d.mmio_base % PAGE == 0 && d.mmio_base >= mem && d.mmio_size >= virtio::MIN_WINDOW && d.mmio_base.checked_add(d.mmio_size).is_some(),
+                "virtio-blk window {:#x}+{:#x} is not a page-aligned window above RAM",
+                d.mmio_base,
+                d.mmio_size
+            );
+            Some(d.mmio_base)
+        }
+        _ => None,
     };
 
     // Bookkeeping first, then the working set.
@@ -369,6 +396,18 @@ fn configure(bi_ptr: *const BootInfo) -> Plan {
         versions: versions as *mut u32,
         ws_base,
         disk: disk.map(|mmio| (mmio, disk_area)),
+        chaos: (w.chaos != 0).then(|| {
+            let claimed = |a: u64| devices.iter().any(|d| a >= d.mmio_base && a - d.mmio_base < d.mmio_size);
+            chaos::Targets {
+                mem_bytes: mem,
+                mmio_gap: (0..layout::MAX_DEVICES as u64)
+                    .rev()
+                    .map(|i| layout::MMIO_BASE + i * layout::MMIO_SIZE)
+                    .find(|&a| !claimed(a)),
+                unclaimed_free: !claimed(chaos::UNCLAIMED_MMIO),
+                blk: disk.map(|mmio| (mmio, disk_area)),
+            }
+        }),
         report_every,
         max_accesses: if w.passes == 0 { u64::MAX } else { w.passes.saturating_mul(n) },
         duration_ns: w.duration_ms.saturating_mul(1_000_000),

@@ -5,7 +5,7 @@
 use core::sync::atomic::{fence, Ordering};
 
 /// virtio-mmio register offsets.
-mod reg {
+pub mod reg {
     pub const MAGIC: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;
@@ -59,8 +59,11 @@ const AVAIL_OFFSET: u64 = 0x400;
 const USED_OFFSET: u64 = 0x800;
 
 /// Descriptor flags.
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_WRITE: u16 = 2;
+/// The descriptor names a table of descriptors (VIRTIO_F_INDIRECT_DESC; this driver
+/// never negotiates it).
+pub const DESC_F_INDIRECT: u16 = 4;
 /// Driver-ring flag: do not interrupt (this driver polls).
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
@@ -119,12 +122,19 @@ impl Mmio {
         Mmio { base }
     }
 
-    fn read(&self, off: u64) -> u32 {
+    /// Guest-physical base of the window.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// 32-bit read of the register at `off` (a multiple of 4 inside [`MIN_WINDOW`]).
+    pub fn read(&self, off: u64) -> u32 {
         // SAFETY: inside the window the caller of `new` vouched for; aligned.
         unsafe { ((self.base + off) as *const u32).read_volatile() }
     }
 
-    fn write(&self, off: u64, value: u32) {
+    /// 32-bit write of the register at `off` (a multiple of 4 inside [`MIN_WINDOW`]).
+    pub fn write(&self, off: u64, value: u32) {
         // SAFETY: as for `read`.
         unsafe { ((self.base + off) as *mut u32).write_volatile(value) }
     }
@@ -133,7 +143,7 @@ impl Mmio {
         self.read(reg::STATUS)
     }
 
-    fn set_status(&self, value: u32) {
+    pub fn set_status(&self, value: u32) {
         self.write(reg::STATUS, value);
     }
 
@@ -233,13 +243,14 @@ impl Mmio {
     }
 }
 
+/// A split-ring descriptor (virtio 1.x §2.7.5).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Desc {
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
 }
 
 /// One buffer of a request: guest-physical address, length, and whether the device
@@ -315,22 +326,42 @@ impl Queue {
                 flags |= DESC_F_NEXT;
                 next = (i + 1) as u16;
             }
-            let d = Desc { addr: b.addr, len: b.len, flags, next };
-            // SAFETY: descriptor i < size lies in the descriptor table at the start of
-            // the queue page.
-            unsafe { (self.mem as *mut Desc).add(i).write_volatile(d) };
+            self.write_desc(i as u16, Desc { addr: b.addr, len: b.len, flags, next });
         }
+        self.publish(mmio, 0, 1);
+        let (id, len) = self.wait_used(mmio, clock_ns, timeout_ns)?;
+        if id != 0 {
+            return Err(Error::BadUsedId(id));
+        }
+        Ok(len)
+    }
+
+    /// Writes descriptor `i` (taken modulo the queue size) verbatim.
+    pub fn write_desc(&self, i: u16, d: Desc) {
+        let i = i % self.size;
+        // SAFETY: descriptor i < size lies in the descriptor table at the start of the
+        // queue page.
+        unsafe { (self.mem as *mut Desc).add(i as usize).write_volatile(d) };
+    }
+
+    /// Puts `head` in the next driver-ring slot, moves the ring index on by `advance`
+    /// (1 for a well-formed driver) and notifies queue 0.
+    pub fn publish(&mut self, mmio: &Mmio, head: u16, advance: u16) {
         let slot = self.next_avail % self.size;
         // SAFETY: ring[slot] of the driver ring (flags u16, idx u16, ring[size] u16).
-        unsafe { ((self.mem + AVAIL_OFFSET + 4) as *mut u16).add(slot as usize).write_volatile(0) };
-        self.next_avail = self.next_avail.wrapping_add(1);
+        unsafe { ((self.mem + AVAIL_OFFSET + 4) as *mut u16).add(slot as usize).write_volatile(head) };
+        self.next_avail = self.next_avail.wrapping_add(advance);
         // Descriptors and ring entry before the index; the index before the notify.
         fence(Ordering::SeqCst);
         // SAFETY: the driver ring's idx field.
         unsafe { ((self.mem + AVAIL_OFFSET + 2) as *mut u16).write_volatile(self.next_avail) };
         fence(Ordering::SeqCst);
         mmio.write(reg::QUEUE_NOTIFY, 0);
+    }
 
+    /// Polls the device ring for the next used element, for at most `timeout_ns`
+    /// (measured with `clock_ns`); returns its (id, len). Watches DEVICE_NEEDS_RESET.
+    pub fn wait_used(&mut self, mmio: &Mmio, clock_ns: impl Fn() -> u64, timeout_ns: u64) -> Result<(u32, u32), Error> {
         let used_idx = (self.mem + USED_OFFSET + 2) as *const u16;
         let mut started: Option<u64> = None;
         let mut spins: u32 = 0;
@@ -356,14 +387,11 @@ impl Queue {
         let slot = (self.last_used % self.size) as u64;
         // SAFETY: ring[slot] of the device ring (flags u16, idx u16, ring[size] of
         // {id u32, len u32}).
-        let (id, len) = unsafe {
+        let elem = unsafe {
             let elem = (self.mem + USED_OFFSET + 4 + slot * 8) as *const u32;
             (elem.read_volatile(), elem.add(1).read_volatile())
         };
         self.last_used = self.last_used.wrapping_add(1);
-        if id != 0 {
-            return Err(Error::BadUsedId(id));
-        }
-        Ok(len)
+        Ok(elem)
     }
 }

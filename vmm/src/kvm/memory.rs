@@ -8,7 +8,7 @@ use crate::{Error, GuestMemory, Result};
 /// Create guest RAM of `bytes` bytes at guest-physical 0 (one region; partitions are
 /// limited to `amsvm_abi::layout::MAX_RAM`, below the device window).
 pub fn create(bytes: u64) -> Result<GuestMemory> {
-    if bytes == 0 || bytes > amsvm_abi::layout::MAX_RAM || bytes % 4096 != 0 {
+    if bytes == 0 || bytes > amsvm_abi::layout::MAX_RAM || !bytes.is_multiple_of(4096) {
         return Err(Error::Other(format!(
             "guest memory of {bytes} bytes is not a non-zero multiple of 4 KiB below {} MiB",
             amsvm_abi::layout::MAX_RAM >> 20

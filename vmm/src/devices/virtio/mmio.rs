@@ -20,7 +20,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use virtio_bindings::virtio_mmio as regs;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
@@ -118,6 +118,32 @@ impl QueueRegs {
     fn new(max_size: u16) -> Self {
         Self { max_size, size: u32::from(max_size), ready: false, desc: 0, avail: 0, used: 0 }
     }
+}
+
+/// Bytes of the split-ring parts of a queue of `size` entries, as virtio-queue's
+/// `Queue::is_valid` counts them: descriptor table (16 per entry), available ring (flags,
+/// idx, ring, used_event) and used ring (flags, idx, ring of 8-byte elements, avail_event).
+fn ring_sizes(size: u16) -> [u64; 3] {
+    let n = u64::from(size);
+    [16 * n, 6 + 2 * n, 6 + 8 * n]
+}
+
+/// Whether the rings of the queue `r` (of `size` entries) lie inside guest memory; the
+/// error names the first ring that does not.
+fn rings_in_memory(mem: &GuestMemory, size: u16, r: &QueueRegs) -> Result<(), String> {
+    let [desc, avail, used] = ring_sizes(size);
+    for (what, addr, len) in
+        [("descriptor table", r.desc, desc), ("available ring", r.avail, avail), ("used ring", r.used, used)]
+    {
+        // len is at most 16 * 32768 bytes.
+        let inside = addr.checked_add(len).is_some() && mem.check_range(GuestAddress(addr), len as usize);
+        if !inside {
+            return Err(format!(
+                "{what} at {addr:#x} ({len} bytes for queue size {size}) is not inside guest memory"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn set_low(v: &mut u64, low: u32) {
@@ -516,6 +542,9 @@ impl MmioTransport {
             // virtio-queue treats an available ring at 0 as "not configured".
             return Err("available ring at guest address 0 is not supported".into());
         }
+        // Checked here first: `Queue::is_valid` logs every refusal at error level, and a
+        // guest retrying a bad setup in a loop must not flood the host's log.
+        rings_in_memory(&self.mem, size, &r)?;
         q.set_event_idx(event_idx);
         q.set_ready(true);
         if !q.is_valid(&self.mem) {
@@ -1062,6 +1091,56 @@ pub(crate) mod tests {
         let mut t = MmioTransport::build(Box::new(d), mem()).unwrap();
         activate_with(&mut t, 16, 0x1000, 0x2000, 0x3000);
         assert_ne!(r32(&mut t, STATUS) & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    /// A ring outside guest memory is refused by the transport's own check, which names
+    /// the ring, before virtio-queue's `Queue::is_valid` sees it: that one logs every
+    /// refusal at error level, so a guest retrying a bad setup could flood the host's log.
+    /// The two checks agree around the end of memory, so `is_valid` never refuses a setup
+    /// that passed.
+    #[test]
+    fn ring_placement_is_checked_before_virtio_queue_sees_it() {
+        let m = mem();
+        let end = 1u64 << 20;
+        let mut t = test_transport(&[16]);
+        for (desc, avail, used, what) in [
+            (end, 0x2000, 0x3000, "descriptor table at 0x100000"),
+            (end - 16 * 8, 0x2000, 0x3000, "descriptor table at 0xfff80"),
+            (0x1000, end - 2, 0x3000, "available ring at 0xffffe"),
+            (0x1000, 0x2000, end - 4, "used ring at 0xffffc"),
+            (0x1000, 0x2000, u64::MAX - 3, "used ring at 0xfffffffffffffffc"),
+        ] {
+            w32(&mut t, STATUS, 0);
+            negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
+            setup_queue(&mut t, 0, 16, desc, avail, used);
+            let err = t.build_queue(0, false).unwrap_err();
+            assert!(err.starts_with(what), "{err}");
+        }
+        for size in [1u16, 2, 16] {
+            let [d, a, u] = ring_sizes(size);
+            let around = |len: u64, align: u64| {
+                let last = (end - len) & !(align - 1);
+                [0x1000, last, last + align, end, !(align - 1)]
+            };
+            for desc in around(d, 16) {
+                for avail in around(a, 2) {
+                    for used in around(u, 4) {
+                        let r = QueueRegs { max_size: 16, size: size.into(), ready: true, desc, avail, used };
+                        let mut q = Queue::new(16).unwrap();
+                        q.try_set_size(size).unwrap();
+                        q.try_set_desc_table_address(GuestAddress(desc)).unwrap();
+                        q.try_set_avail_ring_address(GuestAddress(avail)).unwrap();
+                        q.try_set_used_ring_address(GuestAddress(used)).unwrap();
+                        q.set_ready(true);
+                        assert_eq!(
+                            rings_in_memory(&m, size, &r).is_ok(),
+                            q.is_valid(&m),
+                            "size {size}: descriptors {desc:#x}, available {avail:#x}, used {used:#x}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
