@@ -40,6 +40,8 @@ pub struct Row {
     pub disk_bad: u64,
     pub exits: u64,
     pub rejected: u64,
+    pub hpi: u64,
+    pub page_outs: u64,
     pub outcome: String,
 }
 
@@ -52,7 +54,7 @@ pub fn summary(stdout: &str) -> Vec<Row> {
         .take_while(|l| !l.trim().is_empty())
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            assert!(f.len() >= 10, "short summary row: {l}");
+            assert!(f.len() >= 12, "short summary row: {l}");
             let n = |i: usize| f[i].parse::<u64>().unwrap_or_else(|_| panic!("bad number in summary row: {l}"));
             Row {
                 name: f[0].to_string(),
@@ -64,7 +66,9 @@ pub fn summary(stdout: &str) -> Vec<Row> {
                 disk_bad: n(6),
                 exits: n(7),
                 rejected: n(8),
-                outcome: f[9..].join(" "),
+                hpi: n(9),
+                page_outs: n(10),
+                outcome: f[11..].join(" "),
             }
         })
         .collect()

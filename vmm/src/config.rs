@@ -51,15 +51,50 @@ pub struct Config {
     /// Directory for per-partition console logs.
     #[serde(default)]
     pub log_dir: Option<PathBuf>,
+    /// The shared memory pool. Without it every partition has private RAM.
+    #[serde(default)]
+    pub pool: Option<PoolConfig>,
     #[serde(default, rename = "partition")]
     pub partitions: Vec<PartitionConfig>,
 }
+
+/// `[pool]`: one memory budget for all partitions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// The budget: resident partition pages never exceed it.
+    pub size_mib: u64,
+    /// Where the in-process paging store keeps one file per partition (default:
+    /// `paging` next to the config).
+    #[serde(default)]
+    pub paging_dir: Option<PathBuf>,
+}
+
+/// A validated pool.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    pub size_bytes: u64,
+    pub paging_dir: PathBuf,
+}
+
+/// Pool memory each partition needs beyond its `min_mib` to make progress (its vCPU's
+/// code, stack, page tables and data must be resident at the same time).
+pub const POOL_WORKING_MIN_MIB: u64 = 1;
+
+/// Default `weight`: the middle of 0..=255.
+pub const DEFAULT_WEIGHT: u8 = 128;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PartitionConfig {
     pub name: String,
     pub logical_mib: u64,
+    /// With a pool: never reclaimed below this many MiB.
+    #[serde(default)]
+    pub min_mib: u64,
+    /// With a pool: 0–255, a higher weight keeps memory longer under pressure.
+    #[serde(default = "default_weight")]
+    pub weight: u8,
     #[serde(default = "one")]
     pub vcpus: u32,
     /// Native image: "workload" (built in) or a path to an ELF64 image.
@@ -83,6 +118,10 @@ pub struct PartitionConfig {
 
 fn one() -> u32 {
     1
+}
+
+fn default_weight() -> u8 {
+    DEFAULT_WEIGHT
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -146,6 +185,13 @@ fn default_hot_access_pct() -> u32 {
     90
 }
 
+/// A validated configuration: partitions and, optionally, the pool they share.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub specs: Vec<PartitionSpec>,
+    pub pool: Option<PoolSpec>,
+}
+
 /// What a partition boots.
 #[derive(Debug, Clone)]
 pub enum BootConfig {
@@ -160,6 +206,9 @@ pub struct PartitionSpec {
     pub id: u32,
     pub name: String,
     pub mem_bytes: u64,
+    /// Pool floor (bytes) and weight; used only when the config has a pool.
+    pub min_bytes: u64,
+    pub weight: u8,
     pub vcpus: u32,
     pub boot: BootConfig,
     pub disks: Vec<DiskConfig>,
@@ -210,13 +259,42 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
 }
 
 impl Config {
-    pub fn from_file(path: &Path) -> Result<(Config, Vec<PartitionSpec>), ConfigError> {
+    /// The validated pool, if the config has one (`base`: the config's directory).
+    pub fn pool_spec(&self, origin: &str, base: &Path, specs: &[PartitionSpec]) -> Result<Option<PoolSpec>, ConfigError> {
+        let Some(pool) = &self.pool else { return Ok(None) };
+        let what = format!("{origin}: [pool] size_mib");
+        let size_bytes = check_mem_mib(&what, pool.size_mib, u64::MAX)?;
+        let sum_min: u64 = specs.iter().map(|s| s.min_bytes).sum();
+        if sum_min > size_bytes {
+            return err(format!(
+                "{origin}: the partitions' min_mib add up to {} MiB, more than [pool] size_mib = {} MiB",
+                sum_min >> 20,
+                pool.size_mib
+            ));
+        }
+        let need = sum_min + specs.len() as u64 * (POOL_WORKING_MIN_MIB << 20);
+        if need > size_bytes {
+            return err(format!(
+                "{what}: {} MiB is too small: the partitions' min_mib ({} MiB) plus {POOL_WORKING_MIN_MIB} MiB per partition to make progress need {} MiB",
+                pool.size_mib,
+                sum_min >> 20,
+                need >> 20
+            ));
+        }
+        let dir = pool.paging_dir.clone().unwrap_or_else(|| PathBuf::from("paging"));
+        let paging_dir = if dir.is_absolute() { dir } else { base.join(dir) };
+        Ok(Some(PoolSpec { size_bytes, paging_dir }))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Setup, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("{}: cannot read config: {e}", path.display())))?;
         let cfg: Config = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let specs = cfg.validate(&path.display().to_string(), &base)?;
-        Ok((cfg, specs))
+        let origin = path.display().to_string();
+        let specs = cfg.validate(&origin, &base)?;
+        let pool = cfg.pool_spec(&origin, &base, &specs)?;
+        Ok(Setup { specs, pool })
     }
 
     /// Validate and resolve relative paths against `base`. `origin` names the config in
@@ -244,6 +322,12 @@ impl Config {
                 return err(format!("{what}: vcpus = {} must be between 1 and {MAX_VCPUS}", p.vcpus));
             }
             let mem_bytes = check_mem_mib(&format!("{what}: logical_mib"), p.logical_mib, layout::MAX_RAM)?;
+            if p.min_mib > p.logical_mib {
+                return err(format!("{what}: min_mib ({}) is above logical_mib ({})", p.min_mib, p.logical_mib));
+            }
+            if self.pool.is_none() && (p.min_mib != 0 || p.weight != DEFAULT_WEIGHT) {
+                return err(format!("{what}: min_mib and weight only apply with a [pool]"));
+            }
             let boot = match (&p.image, &p.kernel) {
                 (Some(_), Some(_)) => return err(format!("{what}: give either image (native) or kernel (Linux), not both")),
                 (None, None) => return err(format!("{what}: give image = \"workload\" (or a native ELF path) or kernel = \"PATH\"")),
@@ -287,6 +371,8 @@ impl Config {
                 id: i as u32,
                 name: p.name.clone(),
                 mem_bytes,
+                min_bytes: p.min_mib << 20,
+                weight: p.weight,
                 vcpus: p.vcpus,
                 boot,
                 disks,
@@ -368,7 +454,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, text).unwrap();
-        Config::from_file(&path).map(|(_, s)| s)
+        Config::from_file(&path).map(|s| s.specs)
     }
 
     const GOOD: &str = r#"
@@ -412,5 +498,32 @@ passes = 2
         let e = parse("").unwrap_err().0;
         assert!(e.contains("no [[partition]]"), "{e}");
         assert!(!e.contains('\n'));
+        let e = parse(&GOOD.replace("logical_mib = 64", "logical_mib = 64\nmin_mib = 8")).unwrap_err().0;
+        assert!(e.contains("only apply with a [pool]"), "{e}");
+    }
+
+    fn parse_setup(text: &str) -> Result<Setup, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::from_file(&path)
+    }
+
+    #[test]
+    fn pool_sums_are_checked() {
+        let two = |min: u64| {
+            format!("[pool]\nsize_mib = 64\n{}{}", GOOD.replace("logical_mib = 64", &format!("logical_mib = 64\nmin_mib = {min}")), GOOD.replace("\"a\"", "\"b\"").replace("logical_mib = 64", &format!("logical_mib = 64\nmin_mib = {min}")))
+        };
+        let s = parse_setup(&two(8)).unwrap();
+        let pool = s.pool.unwrap();
+        assert_eq!(pool.size_bytes, 64 << 20);
+        assert!(pool.paging_dir.ends_with("paging"));
+        assert_eq!(s.specs[0].min_bytes, 8 << 20);
+        let e = parse_setup(&two(40)).unwrap_err().0;
+        assert!(e.contains("add up to 80 MiB") && e.contains("size_mib = 64"), "{e}");
+        let e = parse_setup(&two(32)).unwrap_err().0;
+        assert!(e.contains("too small"), "{e}");
+        let e = parse_setup(&two(65)).unwrap_err().0;
+        assert!(e.contains("min_mib (65) is above logical_mib (64)"), "{e}");
     }
 }

@@ -4,12 +4,15 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod error;
 pub mod images;
 pub mod kvm;
 pub mod metrics;
+pub mod pager;
 pub mod partition;
+pub mod pool;
 
 pub use error::{Error, Result};
 

@@ -32,6 +32,28 @@ pub struct PartitionMetrics {
     pub resets: AtomicU64,
     /// Counters of the partition's devices (all incarnations, across resets).
     pub devices: Mutex<Vec<Arc<dyn DeviceCounters>>>,
+    /// Pool: pages of this partition resident in the pool now (AMS `pmem`).
+    pub pmem: AtomicU64,
+    /// Pool: hypervisor page-ins (pages read back from the paging device).
+    pub hpi: AtomicU64,
+    /// Pool: nanoseconds vCPUs (and device threads) were blocked on page-ins.
+    pub hpit_ns: AtomicU64,
+    /// Pool: first touches of never-used (or discarded) pages, given zero-filled frames.
+    pub zero_fills: AtomicU64,
+    /// Pool: pages paged out (frames taken back), and how they left:
+    pub page_outs: AtomicU64,
+    /// written to the paging device,
+    pub page_out_writes: AtomicU64,
+    /// recorded as all-zero (nothing written),
+    pub page_out_zero: AtomicU64,
+    /// unchanged since their last page-out (nothing written again).
+    pub page_out_clean: AtomicU64,
+    /// Pool: pages read back together with a faulting neighbour (clustering).
+    pub cluster_reads: AtomicU64,
+    /// Pool: bytes this partition's paging device holds.
+    pub pager_bytes: AtomicU64,
+    /// Pool: the partition is paused because of this error (empty: running).
+    pub paused: Mutex<Option<String>>,
 }
 
 /// What every device model reports to its partition's metrics.
@@ -89,4 +111,21 @@ impl PartitionMetrics {
             disk_failures: self.disk_failures.load(Relaxed),
         }
     }
+}
+
+/// Counters of the shared pool.
+#[derive(Debug, Default)]
+pub struct PoolMetrics {
+    /// The budget, in pages.
+    pub size_pages: AtomicU64,
+    /// Frames in use (resident partition pages, counted when granted).
+    pub resident: AtomicU64,
+    /// Faults served (all partitions).
+    pub faults: AtomicU64,
+    /// Reclaim rounds (a fault found the pool full and paged something out).
+    pub reclaims: AtomicU64,
+    /// Times a fault had to wait for a frame that nobody could free yet.
+    pub frame_waits: AtomicU64,
+    /// Highest `resident` ever seen.
+    pub peak_resident: AtomicU64,
 }

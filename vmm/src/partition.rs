@@ -21,6 +21,8 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::Bus;
 use crate::kvm::vcpu::{self, BootKind, VcpuContext};
 use crate::metrics::PartitionMetrics;
+use crate::pager::local::LocalStore;
+use crate::pool::{Attached, PartitionPool, PauseSink, Pool};
 use crate::{Error, GuestMemory, Result};
 
 /// How a partition run ended.
@@ -34,6 +36,8 @@ pub enum Outcome {
     Reset,
     /// The guest or KVM failed; the text says how.
     Crashed(String),
+    /// Stopped because its paging device failed; the text names the device and error.
+    Paused(String),
     /// amsvm stopped it.
     Stopped,
 }
@@ -46,6 +50,7 @@ impl std::fmt::Display for Outcome {
             Outcome::PowerOff => write!(f, "powered off"),
             Outcome::Reset => write!(f, "reset"),
             Outcome::Crashed(why) => write!(f, "crashed: {why}"),
+            Outcome::Paused(why) => write!(f, "paused: {why}"),
             Outcome::Stopped => write!(f, "stopped"),
         }
     }
@@ -152,9 +157,17 @@ pub struct Partition {
     io: Bus,
     mmio: Bus,
     vm: VmFd,
+    pool: Option<Attached>,
     mem: GuestMemory,
     kind: BootKind,
     pub shared: Arc<Shared>,
+}
+
+/// What partitions need to draw their memory from the pool.
+pub struct PoolContext {
+    pub pool: Arc<Pool>,
+    /// Where each partition's paging store file goes.
+    pub paging_dir: PathBuf,
 }
 
 /// The virtio-mmio slot of device `i`.
@@ -188,7 +201,13 @@ pub fn prepare_disks(spec: &PartitionSpec) -> Result<()> {
 
 impl Partition {
     /// Build a partition: nothing runs yet. On error everything built so far is dropped.
-    pub fn build(kvm: &Kvm, spec: &PartitionSpec, shared: Arc<Shared>, workload_image: &[u8]) -> Result<Partition> {
+    pub fn build(
+        kvm: &Kvm,
+        spec: &PartitionSpec,
+        shared: Arc<Shared>,
+        workload_image: &[u8],
+        pool: Option<&PoolContext>,
+    ) -> Result<Partition> {
         // Read the boot image first: bad input fails before a VM exists.
         let kind = match spec.boot {
             BootConfig::Native { .. } => BootKind::Native,
@@ -200,8 +219,32 @@ impl Partition {
             BootConfig::Linux { .. } => None,
         };
 
-        // VM and memory.
+        // Memory (drawn from the pool when there is one: attached before anything
+        // touches it) and the VM.
         let mem = crate::kvm::memory::create(spec.mem_bytes)?;
+        let pool = match pool {
+            None => None,
+            Some(ctx) => {
+                let store = LocalStore::create(&ctx.paging_dir.join(format!("{}.pages", spec.name)))
+                    .map_err(|e| Error::Other(format!("paging store: {e}")))?;
+                let (base, len) = crate::kvm::memory::host_ranges(&mem)[0];
+                let sh = shared.clone();
+                let on_pause: PauseSink = Box::new(move |why| sh.finish(Outcome::Paused(why)));
+                let pp = PartitionPool::attach(
+                    &ctx.pool,
+                    &spec.name,
+                    base,
+                    len,
+                    spec.min_bytes,
+                    spec.weight,
+                    Arc::new(store),
+                    shared.metrics.clone(),
+                    on_pause,
+                )
+                .map_err(|e| Error::Other(format!("pool: {e}")))?;
+                Some(Attached(pp))
+            }
+        };
         let vm = crate::kvm::vm::create(kvm, &mem)?;
 
         // Event manager.
@@ -290,7 +333,7 @@ impl Partition {
             (BootConfig::Native { .. }, None) => unreachable!("native image read above"),
         }
 
-        Ok(Partition { vcpus, event_manager, io, mmio, vm, mem, kind, shared })
+        Ok(Partition { vcpus, event_manager, io, mmio, vm, pool, mem, kind, shared })
     }
 
     /// Host address ranges `(start, len)` of this partition's guest RAM.
@@ -301,7 +344,7 @@ impl Partition {
     /// Start the vCPU threads and the device event loop.
     pub fn start(self) -> Result<Running> {
         vcpu::install_kick_handler();
-        let Partition { vcpus, mut event_manager, io, mmio, vm, mem, kind, shared } = self;
+        let Partition { vcpus, mut event_manager, io, mmio, vm, pool, mem, kind, shared } = self;
         let mut threads = Vec::new();
         let em_shared = shared.clone();
         let em = std::thread::Builder::new()
@@ -322,7 +365,7 @@ impl Partition {
                 .map_err(|e| Error::Other(format!("cannot start vCPU thread: {e}")))?;
             threads.push(t);
         }
-        Ok(Running { threads, em: Some(em), shared, _vm: vm, _mem: mem })
+        Ok(Running { threads, em: Some(em), shared, _vm: vm, _pool: pool, _mem: mem })
     }
 }
 
@@ -331,7 +374,9 @@ pub struct Running {
     threads: Vec<JoinHandle<()>>,
     em: Option<JoinHandle<()>>,
     pub shared: Arc<Shared>,
+    // Drop order: the VM, then the pool attachment, then guest memory.
     _vm: VmFd,
+    _pool: Option<Attached>,
     _mem: GuestMemory,
 }
 
@@ -397,6 +442,7 @@ pub fn supervise(
     first: Partition,
     epoch: Instant,
     workload_image: &[u8],
+    pool: Option<&PoolContext>,
     ctl: &PartitionControl,
 ) -> Report {
     let metrics = first.shared.metrics.clone();
@@ -404,7 +450,7 @@ pub fn supervise(
     loop {
         let built = match next.take() {
             Some(p) => Ok(p),
-            None => Partition::build(kvm, spec, Shared::new(&spec.name, metrics.clone(), epoch), workload_image),
+            None => Partition::build(kvm, spec, Shared::new(&spec.name, metrics.clone(), epoch), workload_image, pool),
         };
         let outcome = match built {
             Err(e) => Outcome::Crashed(format!("rebuild after reset failed: {e}")),

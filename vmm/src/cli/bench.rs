@@ -88,6 +88,8 @@ fn bench_specs(n: u32, mem_bytes: u64) -> Vec<PartitionSpec> {
             id: i,
             name: format!("p{i}"),
             mem_bytes,
+            min_bytes: 0,
+            weight: crate::config::DEFAULT_WEIGHT,
             vcpus: 1,
             boot: BootConfig::Native {
                 image: None,
@@ -126,7 +128,7 @@ fn startup_child(n: u32, mem_bytes: u64) -> i32 {
         let total = rss_outside(&[]);
         *sample.lock().unwrap() = (during, total.saturating_sub(during));
     };
-    let reports = match run_specs_observed(&bench_specs(n, mem_bytes), epoch, Some(&observe)) {
+    let reports = match run_specs_observed(&bench_specs(n, mem_bytes), None, epoch, Some(&observe)) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("amsvm: {e}");

@@ -4,16 +4,17 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use crate::config::{BootConfig, Config, PartitionSpec};
+use crate::config::{BootConfig, Config, PartitionSpec, PoolSpec};
 use crate::metrics::PartitionMetrics;
-use crate::partition::{self, Outcome, Partition, PartitionControl, Report, Shared};
+use crate::partition::{self, Outcome, Partition, PartitionControl, PoolContext, Report, Shared};
+use crate::pool::Pool;
 
 use super::{EXIT_BAD_INPUT, EXIT_GUEST_FAILED};
 
 /// Run already-validated partitions to the end. Errors while building (before any guest
 /// runs) are returned; nothing is left running.
-pub fn run_specs(specs: &[PartitionSpec], epoch: Instant) -> crate::Result<Vec<Report>> {
-    run_specs_observed(specs, epoch, None)
+pub fn run_specs(specs: &[PartitionSpec], pool: Option<&PoolSpec>, epoch: Instant) -> crate::Result<Vec<Report>> {
+    run_specs_observed(specs, pool, epoch, None)
 }
 
 /// What an observer of running partitions sees: their counters and the host address
@@ -26,11 +27,22 @@ pub struct Observed<'a> {
 /// [`run_specs`], with `observe` called once every partition is built and started.
 pub fn run_specs_observed(
     specs: &[PartitionSpec],
+    pool_spec: Option<&PoolSpec>,
     epoch: Instant,
     observe: Option<&(dyn Fn(Observed) + Sync)>,
 ) -> crate::Result<Vec<Report>> {
     let kvm = kvm_ioctls::Kvm::new().map_err(crate::Error::KvmOpen)?;
     let image = crate::images::workload_elf();
+    let pool = match pool_spec {
+        None => None,
+        Some(ps) => {
+            std::fs::create_dir_all(&ps.paging_dir)
+                .map_err(|source| crate::Error::Io { path: ps.paging_dir.clone(), source })?;
+            let pool = Pool::new(ps.size_bytes).map_err(|e| crate::Error::Other(format!("pool: {e}")))?;
+            Some(PoolContext { pool, paging_dir: ps.paging_dir.clone() })
+        }
+    };
+    let pool = pool.as_ref();
     for s in specs {
         partition::prepare_disks(s)?;
         if let BootConfig::Native { image: Some(p), .. } = &s.boot {
@@ -60,7 +72,7 @@ pub fn run_specs_observed(
                 sc.spawn(move || {
                     let t = Instant::now();
                     let shared = Shared::new(&s.name, metrics[i].clone(), epoch);
-                    match Partition::build(kvm, s, shared, image) {
+                    match Partition::build(kvm, s, shared, image, pool) {
                         Err(e) => {
                             build_error.lock().unwrap().get_or_insert(crate::Error::Other(format!("partition \"{}\": {e}", s.name)));
                             ctls.iter().for_each(PartitionControl::stop);
@@ -71,7 +83,7 @@ pub fn run_specs_observed(
                             tracing::debug!(partition = %s.name, "built in {:?} ({:?} since start)", t.elapsed(), epoch.elapsed());
                             ranges.lock().unwrap().extend(p.guest_ranges());
                             mark_built();
-                            Some(partition::supervise(kvm, s, p, epoch, image, &ctls[i]))
+                            Some(partition::supervise(kvm, s, p, epoch, image, pool, &ctls[i]))
                         }
                     }
                 })
@@ -105,13 +117,13 @@ pub fn success(r: &Report) -> bool {
 pub fn print_summary(reports: &[Report]) {
     use std::sync::atomic::Ordering::Relaxed;
     println!(
-        "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9}  outcome",
-        "partition", "touched", "verified", "written", "failures", "disk-ok", "disk-bad", "exits", "rejected"
+        "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9} {:>10} {:>10}  outcome",
+        "partition", "touched", "verified", "written", "failures", "disk-ok", "disk-bad", "exits", "rejected", "hpi", "page-outs"
     );
     for r in reports {
         let m = &r.metrics;
         println!(
-            "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9}  {}",
+            "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9} {:>10} {:>10}  {}",
             r.name,
             m.pages_touched.load(Relaxed),
             m.pages_verified.load(Relaxed),
@@ -121,6 +133,8 @@ pub fn print_summary(reports: &[Report]) {
             m.disk_failures.load(Relaxed),
             m.exits.load(Relaxed),
             m.rejected(),
+            m.hpi.load(Relaxed),
+            m.page_outs.load(Relaxed),
             r.outcome
         );
     }
@@ -128,8 +142,8 @@ pub fn print_summary(reports: &[Report]) {
 
 pub fn run(config: &Path, console: bool) -> i32 {
     let epoch = Instant::now();
-    let mut specs = match Config::from_file(config) {
-        Ok((_, s)) => s,
+    let (mut specs, pool) = match Config::from_file(config) {
+        Ok(s) => (s.specs, s.pool),
         Err(e) => {
             eprintln!("amsvm: {e}");
             return EXIT_BAD_INPUT;
@@ -139,7 +153,7 @@ pub fn run(config: &Path, console: bool) -> i32 {
         specs.iter_mut().for_each(|s| s.console_stdout = true);
     }
     eprintln!("amsvm: starting {} partition(s) from {}", specs.len(), config.display());
-    let reports = match run_specs(&specs, epoch) {
+    let reports = match run_specs(&specs, pool.as_ref(), epoch) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("amsvm: {e}");

@@ -1,0 +1,236 @@
+//! The shared memory pool: Active Memory Sharing on KVM.
+//!
+//! Every partition's RAM is registered with its own userfaultfd. A page gets a pool frame
+//! on first touch (zero-filled) or on page-in (read back from the partition's pager). The
+//! budget is a hard limit: a fault that finds the pool full first pages something out —
+//! across all partitions, weight-aware, with a clock (second chance) inside the chosen
+//! partition, never below a partition's `min_mib`.
+//!
+//! Data paths (see DESIGN.md):
+//! - first touch: MISSING fault → frame granted (reclaiming first if needed) →
+//!   UFFDIO_ZEROPAGE (read) or UFFDIO_COPY of zeros (write) → the vCPU resumes.
+//! - page-out: victims are detached from guest memory atomically with UFFDIO_MOVE into a
+//!   staging area (a guest write racing with the page-out faults and waits, it is never
+//!   lost); all-zero pages are recorded as zero; pages whose keyed hash matches their slot
+//!   are unchanged since their last page-out and not written again; the rest go to the
+//!   pager in one batch; then the staging frames are dropped (MADV_DONTNEED).
+//! - page-in: MISSING fault on a paged-out page → pager read → UFFDIO_COPY → resume.
+//!
+//! Threads: one fault handler per partition. A handler that needs a frame may page out
+//! another partition's pages; it never touches guest memory itself, only through
+//! userfaultfd ioctls and the staging area, so VMM accesses to guest memory (virtio
+//! device emulation) fault and are served like vCPU accesses.
+
+mod pages;
+mod partition;
+mod uffd;
+
+pub use partition::{Attached, PartitionPool, PauseSink, PoolError};
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::Duration;
+
+use crate::metrics::PoolMetrics;
+
+/// Pages paged out per reclaim round: amortizes the pager write and the staging
+/// MADV_DONTNEED over several pages.
+pub const RECLAIM_BATCH: usize = 32;
+
+/// Pages in the staging area, shared by all concurrent page-outs. Each round takes
+/// `RECLAIM_BATCH` of them; more rounds than fit wait for a free batch.
+const STAGING_PAGES: usize = RECLAIM_BATCH * 16;
+
+/// How long a fault waits for frames before it looks for a victim again (frames are
+/// also announced through the condition variable; this bounds a missed wake-up).
+const FRAME_WAIT: Duration = Duration::from_millis(5);
+
+struct PoolState {
+    /// Frames granted.
+    resident: u64,
+    partitions: Vec<Weak<PartitionPool>>,
+}
+
+/// The staging area: where page-outs move victims before writing them. Registered with
+/// its own userfaultfd (UFFDIO_MOVE's destination must be registered), which has no
+/// remove events, so dropping staged frames needs no event reader.
+struct Staging {
+    base: *mut u8,
+    uffd: userfaultfd::Uffd,
+    free: Mutex<Vec<usize>>,
+    cv: Condvar,
+}
+
+// SAFETY: `base` is a mapping owned by the Staging for its whole life; batches of it are
+// handed to one thread at a time through the `free` list.
+unsafe impl Send for Staging {}
+// SAFETY: as above.
+unsafe impl Sync for Staging {}
+
+impl Staging {
+    fn new() -> Result<Staging, PoolError> {
+        let len = STAGING_PAGES * 4096;
+        // SAFETY: a fresh anonymous private mapping, owned by the Staging until drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(PoolError::Os("mmap of the staging area", std::io::Error::last_os_error()));
+        }
+        // SAFETY: advice on the mapping made above.
+        unsafe { libc::madvise(base, len, libc::MADV_NOHUGEPAGE) };
+        let uffd = uffd::create(false).map_err(|e| PoolError::Uffd(format!("staging userfaultfd: {e}")))?;
+        uffd.register_with_mode(base, len, userfaultfd::RegisterMode::MISSING)
+            .map_err(|e| PoolError::Uffd(format!("registering the staging area: {e}")))?;
+        let batches = (0..STAGING_PAGES / RECLAIM_BATCH).map(|b| b * RECLAIM_BATCH).collect();
+        Ok(Staging { base: base as *mut u8, uffd, free: Mutex::new(batches), cv: Condvar::new() })
+    }
+
+    /// Take a batch of `RECLAIM_BATCH` staging pages (its first page index).
+    fn take(&self) -> usize {
+        let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(b) = f.pop() {
+                return b;
+            }
+            f = self.cv.wait(f).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn give_back(&self, batch: usize) {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).push(batch);
+        self.cv.notify_one();
+    }
+
+    fn page_addr(&self, i: usize) -> u64 {
+        self.base as u64 + i as u64 * 4096
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping this Staging owns; no batch is out (the pool is
+        // being dropped, so no page-out is running).
+        unsafe { libc::munmap(self.base.cast(), STAGING_PAGES * 4096) };
+    }
+}
+
+/// The pool shared by all partitions of one amsvm.
+pub struct Pool {
+    capacity: u64,
+    state: Mutex<PoolState>,
+    frames: Condvar,
+    staging: Staging,
+    pub metrics: Arc<PoolMetrics>,
+    /// Key of the page hashes (per process, random).
+    hash_seed: u64,
+}
+
+impl Pool {
+    pub fn new(size_bytes: u64) -> Result<Arc<Pool>, PoolError> {
+        let capacity = size_bytes / 4096;
+        let metrics = Arc::new(PoolMetrics::default());
+        metrics.size_pages.store(capacity, Relaxed);
+        let hash_seed = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(std::process::id() as u64);
+            h.finish()
+        };
+        Ok(Arc::new(Pool {
+            capacity,
+            state: Mutex::new(PoolState { resident: 0, partitions: Vec::new() }),
+            frames: Condvar::new(),
+            staging: Staging::new()?,
+            metrics,
+            hash_seed,
+        }))
+    }
+
+    pub fn capacity_pages(&self) -> u64 {
+        self.capacity
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn register(&self, p: &Arc<PartitionPool>) {
+        let mut s = self.lock();
+        s.partitions.retain(|w| w.strong_count() > 0);
+        s.partitions.push(Arc::downgrade(p));
+    }
+
+    /// Grant one frame to `requester`, paging out victims first when the pool is full.
+    /// Returns false if the requester is stopping (its fault need not be served).
+    fn acquire(&self, requester: &PartitionPool) -> bool {
+        loop {
+            let victim = {
+                let mut s = self.lock();
+                if s.resident < self.capacity {
+                    s.resident += 1;
+                    self.metrics.resident.store(s.resident, Relaxed);
+                    self.metrics.peak_resident.fetch_max(s.resident, Relaxed);
+                    return true;
+                }
+                self.choose_victim(&s)
+            };
+            if requester.is_detached() {
+                return false;
+            }
+            let freed = match victim {
+                Some(v) => {
+                    self.metrics.reclaims.fetch_add(1, Relaxed);
+                    v.page_out(RECLAIM_BATCH)
+                }
+                None => 0,
+            };
+            if freed == 0 {
+                // Nothing could be freed now (every candidate at its floor or in transit):
+                // wait for frames to come back.
+                self.metrics.frame_waits.fetch_add(1, Relaxed);
+                let s = self.lock();
+                let _ = self.frames.wait_timeout_while(s, FRAME_WAIT, |s| s.resident >= self.capacity);
+            }
+        }
+    }
+
+    /// Return `n` frames.
+    fn release(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut s = self.lock();
+        s.resident = s.resident.saturating_sub(n);
+        self.metrics.resident.store(s.resident, Relaxed);
+        drop(s);
+        self.frames.notify_all();
+    }
+
+    /// The partition to page out from: the one furthest above its weighted share of the
+    /// pool. A partition's share is its `min` plus the part of the pool above all
+    /// minimums in proportion to `weight + 1`; a higher weight means a larger share, so
+    /// its pages stay longer. Partitions at their `min`, paused or detaching are skipped.
+    fn choose_victim(&self, s: &PoolState) -> Option<Arc<PartitionPool>> {
+        let parts: Vec<Arc<PartitionPool>> = s.partitions.iter().filter_map(Weak::upgrade).collect();
+        let total_min: u64 = parts.iter().map(|p| p.min_pages).sum();
+        let spare = self.capacity.saturating_sub(total_min) as f64;
+        let total_w: f64 = parts.iter().map(|p| p.weight as f64 + 1.0).sum();
+        parts
+            .into_iter()
+            .filter(|p| p.evictable())
+            .map(|p| {
+                let share = p.min_pages as f64 + spare * (p.weight as f64 + 1.0) / total_w;
+                (p.resident() as f64 - share, p)
+            })
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, p)| p)
+    }
+}

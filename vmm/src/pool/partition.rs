@@ -1,0 +1,472 @@
+//! One partition's side of the pool: its userfaultfd, page table, pager, fault handler
+//! thread, page-in and page-out.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use userfaultfd::{Event, EventBuffer, ReadWrite, RegisterMode, Uffd};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::pages::{PageTable, State};
+use super::{uffd, Pool, RECLAIM_BATCH};
+use crate::metrics::PartitionMetrics;
+use crate::pager::{Pager, PAGE_SIZE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("{0}: {1}")]
+    Os(&'static str, #[source] std::io::Error),
+    #[error("userfaultfd: {0} (amsvm needs /dev/userfaultfd or CAP_SYS_PTRACE, Linux 6.8 or newer)")]
+    Uffd(String),
+    #[error("guest memory at {0:#x}+{1:#x} is not page aligned")]
+    Unaligned(u64, u64),
+}
+
+/// Keeps a partition attached to the pool; dropping it detaches the partition (see
+/// [`PartitionPool::detach`]). Drop it after the VM and before guest memory.
+pub struct Attached(pub Arc<PartitionPool>);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.0.detach();
+    }
+}
+
+/// Called once when the partition must stop because its paging device failed; the
+/// message names the device and the error.
+pub type PauseSink = Box<dyn Fn(String) + Send + Sync>;
+
+/// A partition attached to the pool.
+pub struct PartitionPool {
+    pool: Arc<Pool>,
+    pub name: String,
+    /// Host address of guest-physical 0 and the number of guest pages.
+    base: u64,
+    npages: usize,
+    uffd: Uffd,
+    table: Mutex<PageTable>,
+    /// Signalled whenever a page leaves `Transit`.
+    settled: Condvar,
+    pager: Arc<dyn Pager>,
+    pub(super) min_pages: u64,
+    pub(super) weight: u8,
+    metrics: Arc<PartitionMetrics>,
+    /// Held for reading by every page-out of this partition; detaching takes it for
+    /// writing, so memory is never unmapped under a page-out.
+    alive: RwLock<bool>,
+    paused: AtomicBool,
+    on_pause: PauseSink,
+    stop: EventFd,
+    handler: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn page_is_zero(p: &[u8]) -> bool {
+    let (pre, words, post) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the bytes.
+        unsafe { p.align_to::<u64>() }
+    };
+    pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+impl PartitionPool {
+    /// Register guest memory `[base, base + len)` with the pool and start its fault
+    /// handler. Call before anything touches that memory: every page must be granted
+    /// by the pool.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attach(
+        pool: &Arc<Pool>,
+        name: &str,
+        base: u64,
+        len: u64,
+        min_bytes: u64,
+        weight: u8,
+        pager: Arc<dyn Pager>,
+        metrics: Arc<PartitionMetrics>,
+        on_pause: PauseSink,
+    ) -> Result<Arc<PartitionPool>, PoolError> {
+        if base % 4096 != 0 || len % 4096 != 0 {
+            return Err(PoolError::Unaligned(base, len));
+        }
+        // SAFETY: advice on guest memory, which the caller owns; it only keeps the range
+        // at 4 KiB granularity (no transparent huge pages), as the pool pages it.
+        unsafe { libc::madvise(base as *mut _, len as usize, libc::MADV_NOHUGEPAGE) };
+        let uffd = uffd::create(true).map_err(|e| PoolError::Uffd(e.to_string()))?;
+        uffd.register_with_mode(base as *mut _, len as usize, RegisterMode::MISSING)
+            .map_err(|e| PoolError::Uffd(format!("registering guest memory: {e}")))?;
+        let npages = (len / 4096) as usize;
+        let pp = Arc::new(PartitionPool {
+            pool: pool.clone(),
+            name: name.to_string(),
+            base,
+            npages,
+            uffd,
+            table: Mutex::new(PageTable::new(npages)),
+            settled: Condvar::new(),
+            pager,
+            min_pages: min_bytes / 4096,
+            weight,
+            metrics,
+            alive: RwLock::new(true),
+            paused: AtomicBool::new(false),
+            on_pause,
+            stop: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| PoolError::Os("eventfd", e))?,
+            handler: Mutex::new(None),
+        });
+        pool.register(&pp);
+        let me = pp.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("{name}-pager"))
+            .spawn(move || me.serve())
+            .map_err(|e| PoolError::Os("spawning the fault handler", e))?;
+        *pp.handler.lock().unwrap() = Some(h);
+        Ok(pp)
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, PageTable> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn resident(&self) -> u64 {
+        self.table().resident
+    }
+
+    pub fn is_detached(&self) -> bool {
+        !*self.alive.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn evictable(&self) -> bool {
+        !self.paused.load(Relaxed) && self.resident() > self.min_pages && !self.is_detached()
+    }
+
+    fn addr(&self, i: usize) -> u64 {
+        self.base + i as u64 * 4096
+    }
+
+    fn pause(&self, why: String) {
+        if !self.paused.swap(true, Relaxed) {
+            tracing::error!(partition = %self.name, "paused: {why}");
+            *self.metrics.paused.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+            (self.on_pause)(why);
+        }
+    }
+
+    /// The fault handler thread.
+    fn serve(self: Arc<Self>) {
+        let mut buf = EventBuffer::new(64);
+        loop {
+            let mut fds = [
+                libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: self.stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: poll on two descriptors we own, with an array that outlives the call.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if rc < 0 {
+                continue; // EINTR
+            }
+            if fds[1].revents != 0 {
+                return;
+            }
+            let events: Vec<_> = match self.uffd.read_events(&mut buf) {
+                Ok(it) => it.filter_map(|e| e.ok()).collect(),
+                Err(e) => {
+                    tracing::warn!(partition = %self.name, "reading userfaultfd events: {e}");
+                    continue;
+                }
+            };
+            for ev in events {
+                match ev {
+                    Event::Pagefault { addr, rw, .. } => self.fault(addr as u64, rw == ReadWrite::Write),
+                    Event::Remove { start, end } => self.discarded(start as u64, end as u64),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Serve a fault at host address `addr`.
+    fn fault(&self, addr: u64, write: bool) {
+        let t0 = Instant::now();
+        let page_addr = addr & !4095;
+        let Some(i) = page_addr.checked_sub(self.base).map(|o| (o / 4096) as usize).filter(|&i| i < self.npages) else {
+            return;
+        };
+        self.pool.metrics.faults.fetch_add(1, Relaxed);
+        // Claim the page, or find it already served.
+        let (prev, slot) = {
+            let mut t = self.table();
+            loop {
+                match t.pages[i].state {
+                    State::Resident => {
+                        drop(t);
+                        let _ = self.uffd.wake(page_addr as *mut _, 4096);
+                        return;
+                    }
+                    State::Transit => t = self.settled.wait(t).unwrap_or_else(|e| e.into_inner()),
+                    s => {
+                        t.pages[i].state = State::Transit;
+                        t.resident += 1;
+                        break (s, t.pages[i].slot);
+                    }
+                }
+            }
+        };
+        if self.paused.load(Relaxed) || !self.pool.acquire(self) {
+            // Stopping: leave the page where it was and the vCPU blocked; teardown
+            // unregisters the memory, which wakes it.
+            self.settle(i, prev, false);
+            return;
+        }
+        let outcome = match prev {
+            State::Zero => {
+                // SAFETY: page_addr is a page of registered guest memory in Transit: no
+                // one else installs a page there.
+                let r = unsafe {
+                    if write {
+                        static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+                        self.uffd.copy(ZERO.as_ptr().cast(), page_addr as *mut _, 4096, true).map(|_| ())
+                    } else {
+                        self.uffd.zeropage(page_addr as *mut _, 4096, true).map(|_| ())
+                    }
+                };
+                self.metrics.zero_fills.fetch_add(1, Relaxed);
+                r.map_err(|e| format!("installing a zero page: {e}"))
+            }
+            State::Out => {
+                let slot = slot.expect("a paged-out page has a slot");
+                let mut buf = vec![0u8; PAGE_SIZE];
+                match self.pager.read(slot, &mut buf) {
+                    Err(e) => {
+                        self.pool.release(1);
+                        self.settle(i, State::Out, false);
+                        self.pause(e.to_string());
+                        return;
+                    }
+                    Ok(()) => {
+                        // SAFETY: as above; buf holds PAGE_SIZE bytes.
+                        let r = unsafe { self.uffd.copy(buf.as_ptr().cast(), page_addr as *mut _, 4096, true) };
+                        self.metrics.hpi.fetch_add(1, Relaxed);
+                        self.metrics.hpit_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+                        r.map(|_| ()).map_err(|e| format!("installing a paged-in page: {e}"))
+                    }
+                }
+            }
+            State::Resident | State::Transit => unreachable!("claimed pages are Zero or Out"),
+        };
+        match outcome {
+            Ok(()) => self.settle(i, State::Resident, true),
+            Err(e) => {
+                // EEXIST: something is mapped there already (cannot happen while the page
+                // is ours in Transit): take it as resident and wake the waiter.
+                tracing::warn!(partition = %self.name, "page {i}: {e}");
+                let _ = self.uffd.wake(page_addr as *mut _, 4096);
+                self.settle(i, State::Resident, true);
+            }
+        }
+    }
+
+    /// End a page's transit in `state` (`referenced` when just faulted in). The frame
+    /// counted for it at claim time is kept only if the page ends up resident.
+    fn settle(&self, i: usize, state: State, referenced: bool) {
+        let mut t = self.table();
+        let p = &mut t.pages[i];
+        p.state = state;
+        p.referenced = referenced;
+        if state != State::Resident {
+            t.resident -= 1;
+        }
+        self.metrics.pmem.store(t.resident, Relaxed);
+        drop(t);
+        self.settled.notify_all();
+    }
+
+    /// Guest memory was discarded (balloon, MADV_DONTNEED): those pages hold nothing now.
+    fn discarded(&self, start: u64, end: u64) {
+        let first = start.saturating_sub(self.base) / 4096;
+        let last = (end.saturating_sub(self.base)).div_ceil(4096).min(self.npages as u64);
+        let mut freed_frames = 0;
+        let mut slots = Vec::new();
+        {
+            let mut t = self.table();
+            for i in first as usize..last as usize {
+                let p = &mut t.pages[i];
+                match p.state {
+                    State::Resident => {
+                        freed_frames += 1;
+                        p.state = State::Zero;
+                    }
+                    State::Out => p.state = State::Zero,
+                    _ => continue,
+                }
+                slots.extend(p.slot.take());
+            }
+            t.resident -= freed_frames;
+            self.metrics.pmem.store(t.resident, Relaxed);
+        }
+        self.pager.free(&slots);
+        self.metrics.pager_bytes.store(self.pager.bytes_in_use(), Relaxed);
+        self.pool.release(freed_frames);
+    }
+
+    /// Page out up to `want` pages; returns the frames freed.
+    pub(super) fn page_out(&self, want: usize) -> u64 {
+        let Ok(alive) = self.alive.try_read() else { return 0 };
+        if !*alive || self.paused.load(Relaxed) {
+            return 0;
+        }
+        let victims = {
+            let mut t = self.table();
+            let floor = self.min_pages;
+            t.pick_victims(want.min(RECLAIM_BATCH), floor)
+        };
+        if victims.is_empty() {
+            return 0;
+        }
+        let staging = &self.pool.staging;
+        let batch = staging.take();
+        // Detach each victim from guest memory.
+        let mut moved = Vec::with_capacity(victims.len()); // (page, staging index)
+        let mut back = Vec::new(); // (page, state) to settle without I/O
+        for (k, &i) in victims.iter().enumerate() {
+            match uffd::move_page(&staging.uffd, staging.page_addr(batch + k), self.addr(i)) {
+                Ok(()) => moved.push((i, batch + k)),
+                // Nothing mapped: the page holds no data.
+                Err(libc::ENOENT) => back.push((i, State::Zero)),
+                Err(e) => {
+                    tracing::debug!(partition = %self.name, "page {i} cannot be moved now (errno {e}); keeping it");
+                    back.push((i, State::Resident));
+                }
+            }
+        }
+        // Classify: zero, unchanged since its last page-out, or to be written.
+        let mut zero = Vec::new();
+        let mut clean = Vec::new();
+        let mut dirty = Vec::new(); // (page, staging index, hash)
+        {
+            let t = self.table();
+            for &(i, s) in &moved {
+                // SAFETY: the staging page was just filled by UFFDIO_MOVE and belongs to
+                // this batch, which only this thread uses.
+                let data = unsafe { std::slice::from_raw_parts(staging.page_addr(s) as *const u8, PAGE_SIZE) };
+                if page_is_zero(data) {
+                    zero.push(i);
+                    continue;
+                }
+                let h = xxhash_rust::xxh3::xxh3_128_with_seed(data, self.pool.hash_seed);
+                let p = &t.pages[i];
+                if p.slot.is_some() && p.hash == h {
+                    clean.push(i);
+                } else {
+                    dirty.push((i, s, h));
+                }
+            }
+        }
+        let pages: Vec<&[u8]> = dirty
+            .iter()
+            // SAFETY: as above.
+            .map(|&(_, s, _)| unsafe { std::slice::from_raw_parts(staging.page_addr(s) as *const u8, PAGE_SIZE) })
+            .collect();
+        let reuse: Vec<_> = {
+            let t = self.table();
+            dirty.iter().map(|&(i, _, _)| t.pages[i].slot).collect()
+        };
+        let written = if dirty.is_empty() { Ok(Vec::new()) } else { self.pager.write(&pages, &reuse) };
+        drop(pages);
+        let mut freed_slots = Vec::new();
+        let written = match written {
+            Ok(slots) => slots,
+            Err(e) => {
+                // Put every page that was to be written back where it was; nothing is lost.
+                for &(i, s, _) in &dirty {
+                    if let Err(errno) = uffd::move_page(&self.uffd, self.addr(i), staging.page_addr(s)) {
+                        // The guest range is ours while in Transit; this cannot fail
+                        // short of a kernel change. Copy as a last resort.
+                        tracing::error!(partition = %self.name, "moving page {i} back failed (errno {errno}); copying");
+                        // SAFETY: the staging page is ours; the guest page is missing.
+                        let _ = unsafe { self.uffd.copy(staging.page_addr(s) as *const _, self.addr(i) as *mut _, 4096, true) };
+                    }
+                    back.push((i, State::Resident));
+                }
+                dirty.clear();
+                self.pause(e.to_string());
+                Vec::new()
+            }
+        };
+        // Drop the staged frames (the dirty ones that failed were moved back already).
+        // SAFETY: the batch's staging pages belong to this thread; dropping them frees
+        // their frames, and the staging uffd has no remove events to wait for.
+        unsafe { libc::madvise(staging.page_addr(batch) as *mut _, RECLAIM_BATCH * PAGE_SIZE, libc::MADV_DONTNEED) };
+        staging.give_back(batch);
+        // Record the outcome.
+        let freed = (zero.len() + clean.len() + dirty.len()) as u64;
+        {
+            let mut t = self.table();
+            for &i in &zero {
+                let p = &mut t.pages[i];
+                p.state = State::Zero;
+                freed_slots.extend(p.slot.take());
+            }
+            for &i in &clean {
+                t.pages[i].state = State::Out;
+            }
+            for (&(i, _, h), slot) in dirty.iter().zip(&written) {
+                let p = &mut t.pages[i];
+                p.state = State::Out;
+                p.slot = Some(*slot);
+                p.hash = h;
+            }
+            let mut unfreed_zero = 0;
+            for &(i, s) in &back {
+                let p = &mut t.pages[i];
+                p.state = s;
+                if s == State::Zero {
+                    freed_slots.extend(p.slot.take());
+                    unfreed_zero += 1;
+                } else {
+                    p.referenced = true;
+                }
+            }
+            t.resident -= freed + unfreed_zero;
+            self.metrics.pmem.store(t.resident, Relaxed);
+            self.pool.release(unfreed_zero);
+        }
+        self.settled.notify_all();
+        self.pager.free(&freed_slots);
+        self.metrics.page_outs.fetch_add(freed, Relaxed);
+        self.metrics.page_out_zero.fetch_add(zero.len() as u64, Relaxed);
+        self.metrics.page_out_clean.fetch_add(clean.len() as u64, Relaxed);
+        self.metrics.page_out_writes.fetch_add(dirty.len() as u64, Relaxed);
+        self.metrics.pager_bytes.store(self.pager.bytes_in_use(), Relaxed);
+        self.pool.release(freed);
+        freed
+    }
+
+    /// Leave the pool: wait for page-outs of this partition to end, stop the handler,
+    /// unregister guest memory (waking any thread still blocked on it), and return every
+    /// frame and paging slot. Call once the partition's vCPUs and devices are stopped
+    /// and before its memory is unmapped.
+    pub fn detach(&self) {
+        *self.alive.write().unwrap_or_else(|e| e.into_inner()) = false;
+        let _ = self.stop.write(1);
+        if let Some(h) = self.handler.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = h.join();
+        }
+        let _ = self.uffd.unregister(self.base as *mut _, self.npages * 4096);
+        let (frames, slots) = {
+            let mut t = self.table();
+            let frames = t.resident;
+            let slots: Vec<_> = t.pages.iter_mut().filter_map(|p| p.slot.take()).collect();
+            t.resident = 0;
+            for p in t.pages.iter_mut() {
+                p.state = State::Zero;
+            }
+            (frames, slots)
+        };
+        self.pager.free(&slots);
+        self.metrics.pmem.store(0, Relaxed);
+        self.metrics.pager_bytes.store(self.pager.bytes_in_use(), Relaxed);
+        self.pool.release(frames);
+    }
+}
