@@ -1,0 +1,110 @@
+//! The wire format: one line of JSON per request, one line of JSON per response.
+
+use serde::{Deserialize, Serialize};
+
+use super::Snapshot;
+
+/// Longest request line the server reads (newline included). Requests are a few dozen
+/// bytes; a longer line is malformed, answered with an error and its connection closed,
+/// so a client can never make the server buffer more than this.
+pub const MAX_REQUEST_BYTES: usize = 4096;
+
+/// Longest response line a client reads. A snapshot is about 1 KiB per partition; this
+/// bounds what a client buffers should the other end not be amsvm.
+pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
+
+/// Longest client-supplied text echoed back in an error message.
+const MAX_ECHO: usize = 64;
+
+/// A request a client can send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// The counters of the pool and of every partition.
+    Stat,
+}
+
+impl Request {
+    /// Every command, by its wire name.
+    pub const ALL: &'static [(&'static str, Request)] = &[("stat", Request::Stat)];
+
+    /// Parse one request line (without its newline). The error is the message sent back.
+    pub fn parse(line: &[u8]) -> Result<Request, String> {
+        let v: serde_json::Value = serde_json::from_slice(line).map_err(|e| format!("request is not JSON: {e}"))?;
+        let obj = v.as_object().ok_or_else(|| "request must be a JSON object such as {\"cmd\":\"stat\"}".to_string())?;
+        let cmd = match obj.get("cmd") {
+            Some(serde_json::Value::String(s)) => s,
+            Some(_) => return Err("request field \"cmd\" must be a string".to_string()),
+            None => return Err("request has no \"cmd\" field".to_string()),
+        };
+        Self::ALL.iter().find(|(name, _)| name == cmd).map(|(_, r)| *r).ok_or_else(|| {
+            let known: Vec<_> = Self::ALL.iter().map(|(n, _)| *n).collect();
+            format!("unknown cmd {:?} (known: {})", echo(cmd), known.join(", "))
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(_, r)| *r == self).map(|(n, _)| *n).unwrap_or("?")
+    }
+
+    /// The request as sent on the wire, newline included.
+    pub fn to_line(self) -> String {
+        format!("{}\n", serde_json::json!({ "cmd": self.name() }))
+    }
+}
+
+/// A client-supplied string cut to a length fit for an error message.
+fn echo(s: &str) -> String {
+    match s.char_indices().nth(MAX_ECHO) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// One response line: `{"ok":true,"stat":{...}}` or `{"ok":false,"error":"..."}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stat: Option<Snapshot>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    pub fn stat(s: Snapshot) -> Response {
+        Response { ok: true, stat: Some(s), error: None }
+    }
+
+    pub fn error(msg: impl Into<String>) -> Response {
+        Response { ok: false, stat: None, error: Some(msg.into()) }
+    }
+
+    /// The response as sent on the wire, newline included.
+    pub fn to_line(&self) -> String {
+        // Serializing plain structs of numbers and strings into a String cannot fail.
+        let mut s = serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":{:?}}}", e.to_string()));
+        s.push('\n');
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_requests_and_names_errors() {
+        assert_eq!(Request::parse(br#"{"cmd":"stat"}"#), Ok(Request::Stat));
+        assert_eq!(Request::parse(br#" {"cmd" : "stat", "extra": 1} "#), Ok(Request::Stat));
+        assert!(Request::parse(b"stat").unwrap_err().starts_with("request is not JSON"));
+        assert!(Request::parse(b"[1]").unwrap_err().contains("JSON object"));
+        assert!(Request::parse(b"{}").unwrap_err().contains("no \"cmd\""));
+        assert!(Request::parse(br#"{"cmd":7}"#).unwrap_err().contains("must be a string"));
+        let e = Request::parse(br#"{"cmd":"frobnicate"}"#).unwrap_err();
+        assert_eq!(e, "unknown cmd \"frobnicate\" (known: stat)");
+        let long = format!(r#"{{"cmd":"{}"}}"#, "x".repeat(1000));
+        assert!(Request::parse(long.as_bytes()).unwrap_err().len() < 200);
+        assert!(Request::parse(&[0xff, 0xfe]).is_err());
+        assert_eq!(Request::Stat.to_line(), "{\"cmd\":\"stat\"}\n");
+    }
+}

@@ -1,0 +1,325 @@
+//! What the control socket reports: a [`Snapshot`] of the counters of the pool and of
+//! every partition, in AMS words (`pmem`, `hpi`, `hpit`, `loan`), built from a
+//! [`Registry`] of the live counters.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::{PartitionMetrics, PoolMetrics};
+
+/// Version of the snapshot's layout. Fields are only ever added (a reader ignores the
+/// ones it does not know); a change that removes or redefines a field bumps this.
+pub const SNAPSHOT_VERSION: u32 = 1;
+
+/// Bytes per page (pool frames and partition pages alike).
+pub const PAGE_SIZE: u64 = 4096;
+
+const MIB: u64 = 1 << 20;
+
+/// The counters a running amsvm exposes: the pool's and every partition's.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    /// The shared pool; `None` when every partition has its own RAM.
+    pub pool: Option<Arc<PoolMetrics>>,
+    pub partitions: Vec<RegisteredPartition>,
+    /// When the instance started: `uptime_ms` counts from here.
+    pub started: Option<Instant>,
+}
+
+/// One partition as the control socket sees it.
+#[derive(Debug, Clone)]
+pub struct RegisteredPartition {
+    pub name: String,
+    pub logical_mib: u64,
+    pub min_mib: u64,
+    pub weight: u8,
+    pub metrics: Arc<PartitionMetrics>,
+    /// How the partition ended (set by whoever supervises it; `None` while it runs).
+    pub outcome: Arc<Mutex<Option<String>>>,
+}
+
+impl RegisteredPartition {
+    pub fn new(name: impl Into<String>, logical_mib: u64, min_mib: u64, weight: u8, metrics: Arc<PartitionMetrics>) -> Self {
+        RegisteredPartition { name: name.into(), logical_mib, min_mib, weight, metrics, outcome: Arc::default() }
+    }
+
+    /// Record how the partition ended (`Outcome`'s text, e.g. "exited ok"). Every clone
+    /// of this entry (and of the registry holding it) sees it.
+    pub fn set_outcome(&self, outcome: impl ToString) {
+        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome.to_string());
+    }
+
+    pub fn snapshot(&self) -> PartitionSnapshot {
+        let m = &self.metrics;
+        let outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let paused = m.paused.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let state = match (&outcome, &paused) {
+            (Some(_), _) => PartitionState::Ended,
+            (None, Some(_)) => PartitionState::Paused,
+            (None, None) => PartitionState::Running,
+        };
+        PartitionSnapshot {
+            name: self.name.clone(),
+            logical_mib: self.logical_mib,
+            min_mib: self.min_mib,
+            weight: self.weight,
+            state,
+            paused_reason: paused,
+            outcome,
+            pmem_pages: m.pmem.load(Relaxed),
+            loan_pages: 0,
+            hpi: m.hpi.load(Relaxed),
+            hpit_ms: m.hpit_ns.load(Relaxed) as f64 / 1e6,
+            zero_fills: m.zero_fills.load(Relaxed),
+            page_outs: m.page_outs.load(Relaxed),
+            page_out_writes: m.page_out_writes.load(Relaxed),
+            page_out_zero: m.page_out_zero.load(Relaxed),
+            page_out_clean: m.page_out_clean.load(Relaxed),
+            cluster_reads: m.cluster_reads.load(Relaxed),
+            pager_bytes: m.pager_bytes.load(Relaxed),
+            pages_touched: m.pages_touched.load(Relaxed),
+            pages_verified: m.pages_verified.load(Relaxed),
+            pages_written: m.pages_written.load(Relaxed),
+            verify_failures: m.verify_failures.load(Relaxed),
+            disk_blocks_verified: m.disk_blocks_verified.load(Relaxed),
+            disk_failures: m.disk_failures.load(Relaxed),
+            exits: m.exits.load(Relaxed),
+            resets: m.resets.load(Relaxed),
+            rejected: m.rejected(),
+        }
+    }
+}
+
+impl Registry {
+    /// A registry whose uptime counts from now.
+    pub fn new(pool: Option<Arc<PoolMetrics>>, partitions: Vec<RegisteredPartition>) -> Self {
+        Registry { pool, partitions, started: Some(Instant::now()) }
+    }
+
+    /// The counters now. Control-socket counters are zero here; the server fills them in.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            version: SNAPSHOT_VERSION,
+            pid: std::process::id(),
+            uptime_ms: self.started.map_or(0, |t| t.elapsed().as_millis() as u64),
+            control_requests: 0,
+            control_rejected: 0,
+            control_busy: 0,
+            pool: self.pool.as_deref().map(PoolSnapshot::from_metrics),
+            partitions: self.partitions.iter().map(RegisteredPartition::snapshot).collect(),
+        }
+    }
+}
+
+/// The counters of a running amsvm at one moment (each counter is read on its own:
+/// counters are not consistent with each other to the page).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// [`SNAPSHOT_VERSION`] of the instance that answered.
+    pub version: u32,
+    pub pid: u32,
+    pub uptime_ms: u64,
+    /// Requests the control socket answered, malformed ones it rejected (bad JSON,
+    /// unknown cmd, oversized line, silent client) and connections it refused because
+    /// too many were open.
+    #[serde(default)]
+    pub control_requests: u64,
+    #[serde(default)]
+    pub control_rejected: u64,
+    #[serde(default)]
+    pub control_busy: u64,
+    /// `None` without a shared pool (each partition has its own RAM).
+    pub pool: Option<PoolSnapshot>,
+    pub partitions: Vec<PartitionSnapshot>,
+}
+
+/// The shared pool (`lparstat -m`'s pool line).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolSnapshot {
+    pub page_size: u64,
+    pub size_pages: u64,
+    /// Frames in use by partitions (the sum of their `pmem_pages`).
+    pub in_use_pages: u64,
+    pub free_pages: u64,
+    pub peak_in_use_pages: u64,
+    /// Faults served, reclaim rounds, and waits for a frame nobody could free yet.
+    pub faults: u64,
+    pub reclaims: u64,
+    pub frame_waits: u64,
+}
+
+impl PoolSnapshot {
+    pub fn from_metrics(m: &PoolMetrics) -> Self {
+        let size = m.size_pages.load(Relaxed);
+        let in_use = m.resident.load(Relaxed);
+        PoolSnapshot {
+            page_size: PAGE_SIZE,
+            size_pages: size,
+            in_use_pages: in_use,
+            free_pages: size.saturating_sub(in_use),
+            peak_in_use_pages: m.peak_resident.load(Relaxed),
+            faults: m.faults.load(Relaxed),
+            reclaims: m.reclaims.load(Relaxed),
+            frame_waits: m.frame_waits.load(Relaxed),
+        }
+    }
+
+    pub fn size_mib(&self) -> f64 {
+        pages_mib(self.size_pages)
+    }
+
+    pub fn in_use_mib(&self) -> f64 {
+        pages_mib(self.in_use_pages)
+    }
+
+    pub fn free_mib(&self) -> f64 {
+        pages_mib(self.free_pages)
+    }
+}
+
+/// Where a partition is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionState {
+    Running,
+    /// Stopped by the pool on an error (`paused_reason` says which).
+    Paused,
+    /// Ended (`outcome` says how).
+    Ended,
+}
+
+impl std::fmt::Display for PartitionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PartitionState::Running => "running",
+            PartitionState::Paused => "paused",
+            PartitionState::Ended => "ended",
+        })
+    }
+}
+
+/// One partition (`lparstat -m` / `vmstat -h` names where AMS has one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartitionSnapshot {
+    pub name: String,
+    /// Configuration: RAM size, the floor never reclaimed below, and the weight 0-255.
+    pub logical_mib: u64,
+    pub min_mib: u64,
+    pub weight: u8,
+    pub state: PartitionState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// Pages resident in the pool now (AMS `pmem`).
+    pub pmem_pages: u64,
+    /// Pages loaned back through the balloon (AMS `loan`).
+    pub loan_pages: u64,
+    /// Hypervisor page-ins, and milliseconds vCPUs were blocked on them (`vmstat -h`).
+    pub hpi: u64,
+    pub hpit_ms: f64,
+    /// First touches given zero-filled frames.
+    pub zero_fills: u64,
+    /// Pages paged out, and how: written, recorded as all-zero, unchanged (not rewritten).
+    pub page_outs: u64,
+    pub page_out_writes: u64,
+    pub page_out_zero: u64,
+    pub page_out_clean: u64,
+    /// Pages read back together with a faulting neighbour.
+    pub cluster_reads: u64,
+    /// Bytes the partition's paging device holds.
+    pub pager_bytes: u64,
+    /// Workload progress as reported by the guest.
+    pub pages_touched: u64,
+    pub pages_verified: u64,
+    pub pages_written: u64,
+    pub verify_failures: u64,
+    pub disk_blocks_verified: u64,
+    pub disk_failures: u64,
+    pub exits: u64,
+    pub resets: u64,
+    /// Guest input rejected (unclaimed I/O, bad hypercalls, what devices rejected).
+    pub rejected: u64,
+}
+
+impl PartitionSnapshot {
+    pub fn pmem_mib(&self) -> f64 {
+        pages_mib(self.pmem_pages)
+    }
+
+    pub fn loan_mib(&self) -> f64 {
+        pages_mib(self.loan_pages)
+    }
+
+    pub fn pager_mib(&self) -> f64 {
+        self.pager_bytes as f64 / MIB as f64
+    }
+
+    /// `state`, with the pause reason or the outcome when there is one.
+    pub fn state_text(&self) -> String {
+        match (&self.state, &self.paused_reason, &self.outcome) {
+            (PartitionState::Ended, _, Some(o)) => format!("ended: {o}"),
+            (PartitionState::Paused, Some(r), _) => format!("paused: {r}"),
+            (s, _, _) => s.to_string(),
+        }
+    }
+}
+
+fn pages_mib(pages: u64) -> f64 {
+    (pages * PAGE_SIZE) as f64 / MIB as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_reads_the_live_counters() {
+        let pool = Arc::new(PoolMetrics::default());
+        pool.size_pages.store(1000, Relaxed);
+        pool.resident.store(300, Relaxed);
+        pool.peak_resident.store(400, Relaxed);
+        pool.faults.store(7, Relaxed);
+        let m = Arc::new(PartitionMetrics::default());
+        m.pmem.store(256, Relaxed);
+        m.hpi.store(3, Relaxed);
+        m.hpit_ns.store(2_500_000, Relaxed);
+        m.pager_bytes.store(3 << 20, Relaxed);
+        m.unknown_io.store(2, Relaxed);
+        let p = RegisteredPartition::new("alpha", 128, 16, 200, m.clone());
+        let reg = Registry::new(Some(pool), vec![p.clone()]);
+        let s = reg.snapshot();
+        assert_eq!(s.version, SNAPSHOT_VERSION);
+        assert_eq!(s.pid, std::process::id());
+        let pool = s.pool.unwrap();
+        assert_eq!((pool.size_pages, pool.in_use_pages, pool.free_pages, pool.peak_in_use_pages), (1000, 300, 700, 400));
+        assert_eq!(pool.faults, 7);
+        let a = &s.partitions[0];
+        assert_eq!((a.name.as_str(), a.logical_mib, a.min_mib, a.weight), ("alpha", 128, 16, 200));
+        assert_eq!((a.pmem_pages, a.pmem_mib(), a.hpi, a.hpit_ms, a.pager_mib()), (256, 1.0, 3, 2.5, 3.0));
+        assert_eq!((a.rejected, a.state, a.state_text()), (2, PartitionState::Running, "running".to_string()));
+
+        *m.paused.lock().unwrap() = Some("paging device full".into());
+        let a = reg.snapshot().partitions.remove(0);
+        assert_eq!((a.state, a.state_text()), (PartitionState::Paused, "paused: paging device full".to_string()));
+        // The outcome set through one clone is seen through every other.
+        p.set_outcome("exited ok");
+        let a = reg.clone().snapshot().partitions.remove(0);
+        assert_eq!((a.state, a.state_text()), (PartitionState::Ended, "ended: exited ok".to_string()));
+    }
+
+    #[test]
+    fn json_uses_ams_names_and_round_trips() {
+        let reg = Registry::new(None, vec![RegisteredPartition::new("a", 64, 0, 128, Arc::default())]);
+        let s = reg.snapshot();
+        let j = serde_json::to_string(&s).unwrap();
+        for key in ["\"pmem_pages\":", "\"hpi\":", "\"hpit_ms\":", "\"loan_pages\":", "\"page_outs\":", "\"state\":\"running\"", "\"pool\":null"] {
+            assert!(j.contains(key), "{key} missing in {j}");
+        }
+        assert!(!j.contains("outcome"), "no outcome while running: {j}");
+        assert_eq!(serde_json::from_str::<Snapshot>(&j).unwrap(), s);
+    }
+}
