@@ -7,3 +7,6 @@ mod common;
 mod disk;
 mod lifecycle;
 mod partitions;
+mod pool;
+mod pool_faults;
+mod stat;

@@ -95,6 +95,9 @@ pub struct PartitionConfig {
     /// With a pool: 0–255, a higher weight keeps memory longer under pressure.
     #[serde(default = "default_weight")]
     pub weight: u8,
+    /// With a pool: this partition's paging device (default: `<paging_dir>/<name>.pages`).
+    #[serde(default)]
+    pub paging_file: Option<PathBuf>,
     #[serde(default = "one")]
     pub vcpus: u32,
     /// Native image: "workload" (built in) or a path to an ELF64 image.
@@ -206,9 +209,10 @@ pub struct PartitionSpec {
     pub id: u32,
     pub name: String,
     pub mem_bytes: u64,
-    /// Pool floor (bytes) and weight; used only when the config has a pool.
+    /// Pool floor (bytes), weight and paging device; used only with a pool.
     pub min_bytes: u64,
     pub weight: u8,
+    pub paging_file: Option<PathBuf>,
     pub vcpus: u32,
     pub boot: BootConfig,
     pub disks: Vec<DiskConfig>,
@@ -325,8 +329,8 @@ impl Config {
             if p.min_mib > p.logical_mib {
                 return err(format!("{what}: min_mib ({}) is above logical_mib ({})", p.min_mib, p.logical_mib));
             }
-            if self.pool.is_none() && (p.min_mib != 0 || p.weight != DEFAULT_WEIGHT) {
-                return err(format!("{what}: min_mib and weight only apply with a [pool]"));
+            if self.pool.is_none() && (p.min_mib != 0 || p.weight != DEFAULT_WEIGHT || p.paging_file.is_some()) {
+                return err(format!("{what}: min_mib, weight and paging_file only apply with a [pool]"));
             }
             let boot = match (&p.image, &p.kernel) {
                 (Some(_), Some(_)) => return err(format!("{what}: give either image (native) or kernel (Linux), not both")),
@@ -373,6 +377,7 @@ impl Config {
                 mem_bytes,
                 min_bytes: p.min_mib << 20,
                 weight: p.weight,
+                paging_file: p.paging_file.as_ref().map(|f| resolve(f)),
                 vcpus: p.vcpus,
                 boot,
                 disks,

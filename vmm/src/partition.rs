@@ -225,8 +225,8 @@ impl Partition {
         let pool = match pool {
             None => None,
             Some(ctx) => {
-                let store = LocalStore::create(&ctx.paging_dir.join(format!("{}.pages", spec.name)))
-                    .map_err(|e| Error::Other(format!("paging store: {e}")))?;
+                let file = spec.paging_file.clone().unwrap_or_else(|| ctx.paging_dir.join(format!("{}.pages", spec.name)));
+                let store = LocalStore::create(&file).map_err(|e| Error::Other(format!("paging store: {e}")))?;
                 let (base, len) = crate::kvm::memory::host_ranges(&mem)[0];
                 let sh = shared.clone();
                 let on_pause: PauseSink = Box::new(move |why| sh.finish(Outcome::Paused(why)));

@@ -90,6 +90,7 @@ fn bench_specs(n: u32, mem_bytes: u64) -> Vec<PartitionSpec> {
             mem_bytes,
             min_bytes: 0,
             weight: crate::config::DEFAULT_WEIGHT,
+            paging_file: None,
             vcpus: 1,
             boot: BootConfig::Native {
                 image: None,
@@ -128,7 +129,7 @@ fn startup_child(n: u32, mem_bytes: u64) -> i32 {
         let total = rss_outside(&[]);
         *sample.lock().unwrap() = (during, total.saturating_sub(during));
     };
-    let reports = match run_specs_observed(&bench_specs(n, mem_bytes), None, epoch, Some(&observe)) {
+    let reports = match run_specs_observed(&bench_specs(n, mem_bytes), None, super::run::Control::Off, epoch, Some(&observe)) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("amsvm: {e}");

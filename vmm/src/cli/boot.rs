@@ -54,13 +54,14 @@ pub fn boot(a: BootArgs) -> i32 {
         mem_bytes,
         min_bytes: 0,
         weight: crate::config::DEFAULT_WEIGHT,
+            paging_file: None,
         vcpus: a.vcpus,
         boot: BootConfig::Linux { kernel: a.kernel, initrd: a.initrd, cmdline: a.cmdline },
         disks: a.disk.into_iter().map(|path| DiskConfig { path, read_only: false, create_mib: None }).collect(),
         console_stdout: true,
         log_path: a.log,
     };
-    match run_specs(std::slice::from_ref(&spec), None, epoch) {
+    match run_specs(std::slice::from_ref(&spec), None, super::run::Control::Default, epoch) {
         Err(e) => {
             eprintln!("amsvm: {e}");
             EXIT_BAD_INPUT

@@ -4,6 +4,7 @@
 mod bench;
 mod boot;
 mod run;
+mod stat;
 
 use std::path::PathBuf;
 
@@ -25,9 +26,15 @@ enum Command {
         /// Copy every partition's console to stdout, prefixed with its name.
         #[arg(long)]
         console: bool,
+        /// Control socket for `amsvm stat` (default: <runtime dir>/<pid>.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
     /// Boot one Linux guest.
     Boot(boot::BootArgs),
+    /// Print the counters of a running amsvm (pool and partitions), read from its
+    /// control socket.
+    Stat(stat::StatArgs),
     /// Measurements (not tests): print tables of measured figures.
     Bench {
         #[command(subcommand)]
@@ -55,8 +62,9 @@ pub fn main() -> i32 {
         }
     };
     match cli.cmd {
-        Command::Run { config, console } => run::run(&config, console),
+        Command::Run { config, console, socket } => run::run(&config, console, socket),
         Command::Boot(args) => boot::boot(args),
+        Command::Stat(args) => stat::stat(args),
         Command::Bench { what } => bench::bench(what),
     }
 }

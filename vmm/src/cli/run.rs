@@ -4,7 +4,10 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
+use std::path::PathBuf;
+
 use crate::config::{BootConfig, Config, PartitionSpec, PoolSpec};
+use crate::control::{RegisteredPartition, Registry, Server};
 use crate::metrics::PartitionMetrics;
 use crate::partition::{self, Outcome, Partition, PartitionControl, PoolContext, Report, Shared};
 use crate::pool::Pool;
@@ -13,8 +16,18 @@ use super::{EXIT_BAD_INPUT, EXIT_GUEST_FAILED};
 
 /// Run already-validated partitions to the end. Errors while building (before any guest
 /// runs) are returned; nothing is left running.
-pub fn run_specs(specs: &[PartitionSpec], pool: Option<&PoolSpec>, epoch: Instant) -> crate::Result<Vec<Report>> {
-    run_specs_observed(specs, pool, epoch, None)
+/// Where the control socket of a run goes.
+#[derive(Debug, Clone)]
+pub enum Control {
+    /// No control socket.
+    Off,
+    /// `<runtime dir>/<pid>.sock`, found by `amsvm stat` without arguments.
+    Default,
+    At(PathBuf),
+}
+
+pub fn run_specs(specs: &[PartitionSpec], pool: Option<&PoolSpec>, control: Control, epoch: Instant) -> crate::Result<Vec<Report>> {
+    run_specs_observed(specs, pool, control, epoch, None)
 }
 
 /// What an observer of running partitions sees: their counters and the host address
@@ -28,6 +41,7 @@ pub struct Observed<'a> {
 pub fn run_specs_observed(
     specs: &[PartitionSpec],
     pool_spec: Option<&PoolSpec>,
+    control: Control,
     epoch: Instant,
     observe: Option<&(dyn Fn(Observed) + Sync)>,
 ) -> crate::Result<Vec<Report>> {
@@ -56,6 +70,27 @@ pub fn run_specs_observed(
     let n = specs.len();
     let ctls: Vec<_> = specs.iter().map(|_| PartitionControl::default()).collect();
     let metrics: Vec<_> = specs.iter().map(|_| Arc::new(PartitionMetrics::default())).collect();
+    let registry = Registry::new(
+        pool.map(|p| p.pool.metrics.clone()),
+        specs
+            .iter()
+            .zip(&metrics)
+            .map(|(s, m)| RegisteredPartition::new(&s.name, s.mem_bytes >> 20, s.min_bytes >> 20, s.weight, m.clone()))
+            .collect(),
+    );
+    let socket = match control {
+        Control::Off => None,
+        Control::Default => Some(crate::control::default_socket_path().map_err(|e| crate::Error::Other(e.to_string()))?),
+        Control::At(p) => Some(p),
+    };
+    let _server = match socket {
+        None => None,
+        Some(p) => {
+            let server = Server::start(&p, registry.clone()).map_err(|e| crate::Error::Other(e.to_string()))?;
+            tracing::info!("control socket {}", p.display());
+            Some(server)
+        }
+    };
     let ranges = Mutex::new(Vec::new());
     let built = (Mutex::new(0usize), Condvar::new());
     let build_error: Mutex<Option<crate::Error>> = Mutex::new(None);
@@ -68,7 +103,8 @@ pub fn run_specs_observed(
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                let (kvm, ctls, metrics, ranges, build_error, mark_built) = (&kvm, &ctls, &metrics, &ranges, &build_error, &mark_built);
+                let (kvm, ctls, metrics, ranges, build_error, mark_built, registry) =
+                    (&kvm, &ctls, &metrics, &ranges, &build_error, &mark_built, &registry);
                 sc.spawn(move || {
                     let t = Instant::now();
                     let shared = Shared::new(&s.name, metrics[i].clone(), epoch);
@@ -83,7 +119,9 @@ pub fn run_specs_observed(
                             tracing::debug!(partition = %s.name, "built in {:?} ({:?} since start)", t.elapsed(), epoch.elapsed());
                             ranges.lock().unwrap().extend(p.guest_ranges());
                             mark_built();
-                            Some(partition::supervise(kvm, s, p, epoch, image, pool, &ctls[i]))
+                            let report = partition::supervise(kvm, s, p, epoch, image, pool, &ctls[i]);
+                            registry.partitions[i].set_outcome(&report.outcome);
+                            Some(report)
                         }
                     }
                 })
@@ -140,7 +178,7 @@ pub fn print_summary(reports: &[Report]) {
     }
 }
 
-pub fn run(config: &Path, console: bool) -> i32 {
+pub fn run(config: &Path, console: bool, socket: Option<PathBuf>) -> i32 {
     let epoch = Instant::now();
     let (mut specs, pool) = match Config::from_file(config) {
         Ok(s) => (s.specs, s.pool),
@@ -153,7 +191,8 @@ pub fn run(config: &Path, console: bool) -> i32 {
         specs.iter_mut().for_each(|s| s.console_stdout = true);
     }
     eprintln!("amsvm: starting {} partition(s) from {}", specs.len(), config.display());
-    let reports = match run_specs(&specs, pool.as_ref(), epoch) {
+    let control = socket.map_or(Control::Default, Control::At);
+    let reports = match run_specs(&specs, pool.as_ref(), control, epoch) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("amsvm: {e}");

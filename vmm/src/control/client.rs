@@ -41,6 +41,7 @@ fn request(path: &Path, req: Request, timeout: Duration) -> Result<Response, Con
     };
     let mut stream = UnixStream::connect(path).map_err(|e| match e.kind() {
         ErrorKind::ConnectionRefused => ControlError::NotListening { path: path.to_path_buf() },
+        ErrorKind::NotFound => ControlError::NoSocket { path: path.to_path_buf() },
         _ => ControlError::Io { path: path.to_path_buf(), op: "connecting to the control socket", source: e },
     })?;
     stream.set_read_timeout(Some(timeout)).map_err(io_err("setting a read timeout"))?;

@@ -51,6 +51,8 @@ pub enum ControlError {
     NotFound { dir: PathBuf },
     #[error("several amsvm instances are running ({}); choose one with --socket", list(.sockets))]
     Ambiguous { dir: PathBuf, sockets: Vec<PathBuf> },
+    #[error("{}: no such control socket (is amsvm running?)", .path.display())]
+    NoSocket { path: PathBuf },
     #[error("{}: nothing is listening on this control socket (amsvm is gone?)", .path.display())]
     NotListening { path: PathBuf },
     #[error("{}: no answer within {timeout:?}", .path.display())]

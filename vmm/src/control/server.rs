@@ -75,20 +75,17 @@ impl Server {
         check_path_len(path)?;
         clear_stale(path)?;
         let listener = bind_private(path)?;
-        let meta = fs::symlink_metadata(path).map_err(ControlError::io(path, "reading the new socket"))?;
-        let file_id = (meta.dev(), meta.ino());
-        let remove_ours = || {
-            let _ = fs::remove_file(path);
-        };
+        // From here on the socket file exists: remove it again if starting fails.
         let setup = (|| {
+            let meta = fs::symlink_metadata(path).map_err(ControlError::io(path, "reading the new socket"))?;
             listener.set_nonblocking(true).map_err(ControlError::io(path, "setting the socket non-blocking"))?;
-            let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(ControlError::io(path, "creating the stop eventfd"))?);
-            Ok::<_, ControlError>(stop)
+            let stop = EventFd::new(EFD_NONBLOCK).map_err(ControlError::io(path, "creating the stop eventfd"))?;
+            Ok(((meta.dev(), meta.ino()), Arc::new(stop)))
         })();
-        let stop = match setup {
+        let (file_id, stop) = match setup {
             Ok(s) => s,
             Err(e) => {
-                remove_ours();
+                let _ = fs::remove_file(path);
                 return Err(e);
             }
         };
@@ -104,7 +101,7 @@ impl Server {
         let thread = match std::thread::Builder::new().name("amsvm-control".into()).spawn(move || acceptor.run()) {
             Ok(t) => t,
             Err(e) => {
-                remove_ours();
+                let _ = fs::remove_file(path);
                 return Err(ControlError::Io { path: path.to_path_buf(), op: "starting the control thread", source: e });
             }
         };
@@ -207,16 +204,23 @@ fn bind_private(path: &Path) -> Result<UnixListener, ControlError> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    let mut tries = 0;
     let dir = loop {
         let d = parent.join(format!(".amsvm-{}-{}", std::process::id(), SEQ.fetch_add(1, Relaxed)));
         match fs::DirBuilder::new().mode(0o700).create(&d) {
             Ok(()) => break PrivateDir(d),
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+            // Names taken by someone else: a few more tries, not an endless loop.
+            Err(e) if e.kind() == ErrorKind::AlreadyExists && tries < 16 => tries += 1,
             Err(e) => return Err(ControlError::Io { path: d, op: "creating a private directory for the socket", source: e }),
         }
     };
     let tmp = dir.0.join("s");
-    check_path_len(&tmp)?;
+    let (len, tmp_len) = (path.as_os_str().len(), tmp.as_os_str().len());
+    if tmp_len > MAX_SOCKET_PATH {
+        // Binding goes through the longer temporary name: say what fits for `path`.
+        let max = MAX_SOCKET_PATH.saturating_sub(tmp_len.saturating_sub(len));
+        return Err(ControlError::PathTooLong { path: path.to_path_buf(), len, max });
+    }
     let listener = UnixListener::bind(&tmp).map_err(ControlError::io(&tmp, "binding the control socket"))?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(ControlError::io(&tmp, "setting mode 0600"))?;
     match fs::hard_link(&tmp, path) {

@@ -8,7 +8,8 @@
 //!
 //! Data paths (see DESIGN.md):
 //! - first touch: MISSING fault → frame granted (reclaiming first if needed) →
-//!   UFFDIO_ZEROPAGE (read) or UFFDIO_COPY of zeros (write) → the vCPU resumes.
+//!   UFFDIO_COPY of zeros (a real frame, also for reads: the shared zero page would be
+//!   replaced by a frame on the first write without the pool seeing it) → resume.
 //! - page-out: victims are detached from guest memory atomically with UFFDIO_MOVE into a
 //!   staging area (a guest write racing with the page-out faults and waits, it is never
 //!   lost); all-zero pages are recorded as zero; pages whose keyed hash matches their slot
@@ -36,6 +37,9 @@ use crate::metrics::PoolMetrics;
 /// Pages paged out per reclaim round: amortizes the pager write and the staging
 /// MADV_DONTNEED over several pages.
 pub const RECLAIM_BATCH: usize = 32;
+
+/// The fewest pages a reclaim round takes from its victim.
+pub const MIN_RECLAIM: usize = 4;
 
 /// Pages in the staging area, shared by all concurrent page-outs. Each round takes
 /// `RECLAIM_BATCH` of them; more rounds than fit wait for a free batch.
@@ -172,7 +176,7 @@ impl Pool {
     /// Returns false if the requester is stopping (its fault need not be served).
     fn acquire(&self, requester: &PartitionPool) -> bool {
         loop {
-            let victim = {
+            let victims = {
                 let mut s = self.lock();
                 if s.resident < self.capacity {
                     s.resident += 1;
@@ -180,18 +184,21 @@ impl Pool {
                     self.metrics.peak_resident.fetch_max(s.resident, Relaxed);
                     return true;
                 }
-                self.choose_victim(&s)
+                self.rank_victims(&s)
             };
             if requester.is_detached() {
                 return false;
             }
-            let freed = match victim {
-                Some(v) => {
+            // The best candidate first; the next if it could free nothing after all
+            // (its pages went into transit meanwhile).
+            let mut freed = 0;
+            for (v, want) in victims {
+                freed = v.page_out(want);
+                if freed > 0 {
                     self.metrics.reclaims.fetch_add(1, Relaxed);
-                    v.page_out(RECLAIM_BATCH)
+                    break;
                 }
-                None => 0,
-            };
+            }
             if freed == 0 {
                 // Nothing could be freed now (every candidate at its floor or in transit):
                 // wait for frames to come back.
@@ -214,23 +221,66 @@ impl Pool {
         self.frames.notify_all();
     }
 
-    /// The partition to page out from: the one furthest above its weighted share of the
-    /// pool. A partition's share is its `min` plus the part of the pool above all
-    /// minimums in proportion to `weight + 1`; a higher weight means a larger share, so
-    /// its pages stay longer. Partitions at their `min`, paused or detaching are skipped.
-    fn choose_victim(&self, s: &PoolState) -> Option<Arc<PartitionPool>> {
+    /// The partitions to page out from, best first, with how many pages to take.
+    ///
+    /// Each partition has a target: its `min` plus a part of the pool above all
+    /// minimums in proportion to `weight + 1` (a higher weight keeps memory longer).
+    /// What a partition does not use of its share goes to the others (water-filling),
+    /// so an idle partition does not keep frames the busy ones need. The partition
+    /// furthest above its target gives first: as many pages as it is above (at least
+    /// [`MIN_RECLAIM`], at most [`RECLAIM_BATCH`]). Partitions with nothing to give (at
+    /// their `min`, all their pages in transit, paused or detaching) are left out.
+    fn rank_victims(&self, s: &PoolState) -> Vec<(Arc<PartitionPool>, usize)> {
         let parts: Vec<Arc<PartitionPool>> = s.partitions.iter().filter_map(Weak::upgrade).collect();
-        let total_min: u64 = parts.iter().map(|p| p.min_pages).sum();
-        let spare = self.capacity.saturating_sub(total_min) as f64;
-        let total_w: f64 = parts.iter().map(|p| p.weight as f64 + 1.0).sum();
-        parts
+        let resident: Vec<f64> = parts.iter().map(|p| p.resident() as f64).collect();
+        let targets = water_fill(
+            self.capacity as f64,
+            &parts.iter().zip(&resident).map(|(p, &r)| (p.min_pages as f64, p.weight as f64 + 1.0, r)).collect::<Vec<_>>(),
+        );
+        let mut ranked: Vec<(f64, Arc<PartitionPool>)> = parts
             .into_iter()
-            .filter(|p| p.evictable())
-            .map(|p| {
-                let share = p.min_pages as f64 + spare * (p.weight as f64 + 1.0) / total_w;
-                (p.resident() as f64 - share, p)
-            })
-            .max_by(|a, b| a.0.total_cmp(&b.0))
-            .map(|(_, p)| p)
+            .zip(resident.iter().zip(targets))
+            .filter(|(p, _)| p.evictable() > 0)
+            .map(|(p, (&r, t))| (r - t, p))
+            .collect();
+        ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+        ranked
+            .into_iter()
+            .map(|(excess, p)| (p, (excess.ceil().max(0.0) as usize).clamp(MIN_RECLAIM, RECLAIM_BATCH)))
+            .collect()
     }
 }
+
+/// Targets for partitions given as `(min, weight, demand)`: each gets its `min` plus a
+/// weighted part of what is above all minimums; a partition whose demand is below that
+/// gets its demand, and what it leaves is shared again among the others.
+pub(crate) fn water_fill(capacity: f64, parts: &[(f64, f64, f64)]) -> Vec<f64> {
+    let mut target: Vec<Option<f64>> = vec![None; parts.len()];
+    let mut spare = capacity - parts.iter().map(|p| p.0).sum::<f64>();
+    loop {
+        let weight: f64 = parts.iter().zip(&target).filter(|(_, t)| t.is_none()).map(|(p, _)| p.1).sum();
+        if weight == 0.0 {
+            break;
+        }
+        let mut settled = false;
+        for (i, &(min, w, demand)) in parts.iter().enumerate() {
+            if target[i].is_none() && demand <= min + spare * w / weight {
+                target[i] = Some(demand.max(min));
+                spare -= (demand - min).max(0.0);
+                settled = true;
+            }
+        }
+        if !settled {
+            for (i, &(min, w, _)) in parts.iter().enumerate() {
+                if target[i].is_none() {
+                    target[i] = Some(min + spare * w / weight);
+                }
+            }
+            break;
+        }
+    }
+    target.into_iter().map(|t| t.unwrap_or(0.0)).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -39,18 +39,30 @@ impl Default for Page {
 pub struct PageTable {
     pub pages: Vec<Page>,
     pub hand: usize,
-    /// Pages in `Resident` state plus those in `Transit` towards it (frames held).
+    /// Pages in `Resident` state plus those in `Transit` (frames held).
     pub resident: u64,
+    /// Of `resident`, the pages picked for page-out and not yet gone: the floor is
+    /// checked against `resident - leaving`, so concurrent page-outs of one partition
+    /// cannot together take it below its minimum.
+    pub leaving: u64,
+    /// Of `resident`, the pages claimed by a fault and not yet installed.
+    pub incoming: u64,
 }
 
 impl PageTable {
     pub fn new(n: usize) -> Self {
-        PageTable { pages: vec![Page::default(); n], hand: 0, resident: 0 }
+        PageTable { pages: vec![Page::default(); n], hand: 0, resident: 0, leaving: 0, incoming: 0 }
+    }
+
+    /// Resident pages that could be paged out without going below `floor`.
+    pub fn evictable_above(&self, floor: u64) -> u64 {
+        self.resident.saturating_sub(self.leaving + self.incoming + floor)
     }
 
     /// Choose up to `want` resident pages to page out with the clock (second chance):
     /// referenced pages lose their bit and are passed over once. Never goes below
-    /// `floor` resident pages. Chosen pages are marked `Transit`.
+    /// `floor` resident pages. Chosen pages are marked `Transit` and counted in
+    /// `leaving` until the caller settles them.
     pub fn pick_victims(&mut self, want: usize, floor: u64) -> Vec<usize> {
         let n = self.pages.len();
         let mut out = Vec::with_capacity(want);
@@ -58,7 +70,7 @@ impl PageTable {
             return out;
         }
         let mut scanned = 0;
-        while out.len() < want && scanned < 2 * n && self.resident.saturating_sub(out.len() as u64) > floor {
+        while out.len() < want && scanned < 2 * n && self.evictable_above(floor) > out.len() as u64 {
             let i = self.hand;
             self.hand = (self.hand + 1) % n;
             scanned += 1;
@@ -73,6 +85,7 @@ impl PageTable {
             p.state = State::Transit;
             out.push(i);
         }
+        self.leaving += out.len() as u64;
         out
     }
 }
@@ -95,11 +108,11 @@ mod tests {
         for i in [1, 3, 5] {
             assert_eq!(t.pages[i].state, State::Transit);
         }
-        t.resident = 6;
-        // Floor of 4: only 2 more may go.
-        assert_eq!(t.pick_victims(5, 4), vec![0, 2]);
-        // Nothing resident left to pick.
-        t.resident = 6;
+        // Three are leaving: with a floor of 1, two more may go.
+        assert_eq!(t.leaving, 3);
+        assert_eq!(t.pick_victims(5, 1), vec![0, 2]);
+        assert_eq!(t.leaving, 5);
+        // Nothing resident left to pick but page 4.
         assert_eq!(t.pick_victims(3, 0), vec![4]);
         assert!(t.pick_victims(3, 0).is_empty());
     }

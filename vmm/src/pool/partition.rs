@@ -87,7 +87,7 @@ impl PartitionPool {
         metrics: Arc<PartitionMetrics>,
         on_pause: PauseSink,
     ) -> Result<Arc<PartitionPool>, PoolError> {
-        if base % 4096 != 0 || len % 4096 != 0 {
+        if !base.is_multiple_of(4096) || !len.is_multiple_of(4096) {
             return Err(PoolError::Unaligned(base, len));
         }
         // SAFETY: advice on guest memory, which the caller owns; it only keeps the range
@@ -125,7 +125,7 @@ impl PartitionPool {
         Ok(pp)
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, PageTable> {
+    pub(super) fn table(&self) -> std::sync::MutexGuard<'_, PageTable> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -137,8 +137,12 @@ impl PartitionPool {
         !*self.alive.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn evictable(&self) -> bool {
-        !self.paused.load(Relaxed) && self.resident() > self.min_pages && !self.is_detached()
+    /// Pages this partition could give up now without going below its minimum.
+    pub(super) fn evictable(&self) -> u64 {
+        if self.paused.load(Relaxed) || self.is_detached() {
+            return 0;
+        }
+        self.table().evictable_above(self.min_pages)
     }
 
     fn addr(&self, i: usize) -> u64 {
@@ -187,7 +191,7 @@ impl PartitionPool {
     }
 
     /// Serve a fault at host address `addr`.
-    fn fault(&self, addr: u64, write: bool) {
+    fn fault(&self, addr: u64, _write: bool) {
         let t0 = Instant::now();
         let page_addr = addr & !4095;
         let Some(i) = page_addr.checked_sub(self.base).map(|o| (o / 4096) as usize).filter(|&i| i < self.npages) else {
@@ -208,6 +212,7 @@ impl PartitionPool {
                     s => {
                         t.pages[i].state = State::Transit;
                         t.resident += 1;
+                        t.incoming += 1;
                         break (s, t.pages[i].slot);
                     }
                 }
@@ -221,18 +226,15 @@ impl PartitionPool {
         }
         let outcome = match prev {
             State::Zero => {
+                // A real zero-filled frame even for a read: a shared zero page would
+                // not be a frame now, but the guest's first write to it would take one
+                // behind the pool's back (a copy-on-write the pool never sees).
+                static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
                 // SAFETY: page_addr is a page of registered guest memory in Transit: no
-                // one else installs a page there.
-                let r = unsafe {
-                    if write {
-                        static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
-                        self.uffd.copy(ZERO.as_ptr().cast(), page_addr as *mut _, 4096, true).map(|_| ())
-                    } else {
-                        self.uffd.zeropage(page_addr as *mut _, 4096, true).map(|_| ())
-                    }
-                };
+                // one else installs a page there; ZERO holds PAGE_SIZE bytes.
+                let r = unsafe { self.uffd.copy(ZERO.as_ptr().cast(), page_addr as *mut _, 4096, true) };
                 self.metrics.zero_fills.fetch_add(1, Relaxed);
-                r.map_err(|e| format!("installing a zero page: {e}"))
+                r.map(|_| ()).map_err(|e| format!("installing a zero page: {e}"))
             }
             State::Out => {
                 let slot = slot.expect("a paged-out page has a slot");
@@ -267,10 +269,11 @@ impl PartitionPool {
         }
     }
 
-    /// End a page's transit in `state` (`referenced` when just faulted in). The frame
-    /// counted for it at claim time is kept only if the page ends up resident.
+    /// End a fault's claim of page `i` in `state` (`referenced` when just faulted in).
+    /// The frame counted for it at claim time is kept only if the page ends up resident.
     fn settle(&self, i: usize, state: State, referenced: bool) {
         let mut t = self.table();
+        t.incoming -= 1;
         let p = &mut t.pages[i];
         p.state = state;
         p.referenced = referenced;
@@ -429,6 +432,7 @@ impl PartitionPool {
                 }
             }
             t.resident -= freed + unfreed_zero;
+            t.leaving -= victims.len() as u64;
             self.metrics.pmem.store(t.resident, Relaxed);
             self.pool.release(unfreed_zero);
         }
@@ -444,9 +448,9 @@ impl PartitionPool {
     }
 
     /// Leave the pool: wait for page-outs of this partition to end, stop the handler,
-    /// unregister guest memory (waking any thread still blocked on it), and return every
-    /// frame and paging slot. Call once the partition's vCPUs and devices are stopped
-    /// and before its memory is unmapped.
+    /// unregister guest memory (waking any thread still blocked on it), drop its
+    /// contents, and return every frame and paging slot. Call once the partition's vCPUs
+    /// and devices are stopped and before its memory is unmapped.
     pub fn detach(&self) {
         *self.alive.write().unwrap_or_else(|e| e.into_inner()) = false;
         let _ = self.stop.write(1);
@@ -454,11 +458,18 @@ impl PartitionPool {
             let _ = h.join();
         }
         let _ = self.uffd.unregister(self.base as *mut _, self.npages * 4096);
+        // Free the frames for real before handing them back to the pool: otherwise
+        // another partition could take them while these pages still occupy memory.
+        // SAFETY: the partition is stopped (vCPUs and devices joined) and its memory no
+        // longer registered; dropping its contents is what leaving the pool means.
+        unsafe { libc::madvise(self.base as *mut _, self.npages * 4096, libc::MADV_DONTNEED) };
         let (frames, slots) = {
             let mut t = self.table();
             let frames = t.resident;
             let slots: Vec<_> = t.pages.iter_mut().filter_map(|p| p.slot.take()).collect();
             t.resident = 0;
+            t.incoming = 0;
+            t.leaving = 0;
             for p in t.pages.iter_mut() {
                 p.state = State::Zero;
             }
