@@ -144,6 +144,13 @@ pub struct WorkloadParams {
     /// Disk test: number of 4 KiB blocks to write, read back and verify on the first
     /// virtio-blk device before the memory workload (0 = no disk test).
     pub disk_test_blocks: u64,
+    /// Record the time of every access from this access on (counted from 0) in the
+    /// mailbox's latency histogram; `u64::MAX` (or 0 in `measure_latency`) = never.
+    pub latency_from: u64,
+    /// 1 = record access times (see `latency_from`), 0 = do not.
+    pub measure_latency: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
 }
 
 /// The boot-info page at [`layout::BOOT_INFO`], written by amsvm before entry.
@@ -208,6 +215,9 @@ impl BootInfo {
                 phase_accesses: 0,
                 report_every: 0,
                 disk_test_blocks: 0,
+                latency_from: u64::MAX,
+                measure_latency: 0,
+                _pad: 0,
             },
         }
     }
@@ -234,11 +244,36 @@ pub struct Progress {
 /// The hypercall mailbox page at [`layout::MAILBOX`]. Guest-written: amsvm treats every
 /// field as untrusted.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Mailbox {
     pub arg: [u64; 4],
     pub ret: [u64; 4],
     pub progress: Progress,
+    /// Access-time histogram (TSC cycles), filled by the workload when asked; final at
+    /// EXIT. Bucket `i` is [`latency_bucket_floor`]`(i)` up to the next bucket's floor.
+    pub latency: [u64; LATENCY_BUCKETS],
+}
+
+/// Buckets of the access-time histogram: four per power of two, up to 2^33 cycles.
+pub const LATENCY_BUCKETS: usize = 128;
+
+/// The bucket of a duration of `cycles`: four buckets per power of two (±12%).
+pub const fn latency_bucket(cycles: u64) -> usize {
+    if cycles < 8 {
+        return cycles as usize;
+    }
+    let e = 63 - cycles.leading_zeros() as usize; // >= 3
+    let b = 4 * (e - 1) + ((cycles >> (e - 2)) & 3) as usize;
+    if b >= LATENCY_BUCKETS { LATENCY_BUCKETS - 1 } else { b }
+}
+
+/// The smallest duration that falls into bucket `b`.
+pub const fn latency_bucket_floor(b: usize) -> u64 {
+    if b < 8 {
+        return b as u64;
+    }
+    let e = b / 4 + 1;
+    (1u64 << e) | (((b % 4) as u64) << (e - 2))
 }
 
 /// Page stamp the workload writes at the start of every page it writes.
@@ -273,6 +308,16 @@ pub const DEFAULT_REPORT_EVERY: u64 = 4096;
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn latency_buckets_are_ordered_and_cover_their_range() {
+        for b in 0..LATENCY_BUCKETS - 1 {
+            assert!(latency_bucket_floor(b) < latency_bucket_floor(b + 1));
+            assert_eq!(latency_bucket(latency_bucket_floor(b)), b);
+            assert_eq!(latency_bucket(latency_bucket_floor(b + 1) - 1), b);
+        }
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+    }
+
     #[test]
     fn boot_info_fits_its_page() {
         assert!(core::mem::size_of::<BootInfo>() <= 4096);

@@ -75,6 +75,9 @@ pub struct PoolConfig {
 pub struct PoolSpec {
     pub size_bytes: u64,
     pub paging_dir: PathBuf,
+    /// Measurement only (`amsvm bench pool`): serve faults with the bare userfaultfd
+    /// round trip, no budget. Never set from a config file.
+    pub raw_uffd: bool,
 }
 
 /// Pool memory each partition needs beyond its `min_mib` to make progress (its vCPU's
@@ -287,7 +290,7 @@ impl Config {
         }
         let dir = pool.paging_dir.clone().unwrap_or_else(|| PathBuf::from("paging"));
         let paging_dir = if dir.is_absolute() { dir } else { base.join(dir) };
-        Ok(Some(PoolSpec { size_bytes, paging_dir }))
+        Ok(Some(PoolSpec { size_bytes, paging_dir, raw_uffd: false }))
     }
 
     pub fn from_file(path: &Path) -> Result<Setup, ConfigError> {
@@ -447,6 +450,9 @@ impl WorkloadConfig {
             phase_accesses: if self.phase_accesses == 0 { pages * 2 } else { self.phase_accesses },
             report_every: self.report_every,
             disk_test_blocks: self.disk_test_blocks,
+            latency_from: u64::MAX,
+            measure_latency: 0,
+            _pad: 0,
         })
     }
 }

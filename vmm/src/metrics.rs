@@ -54,6 +54,11 @@ pub struct PartitionMetrics {
     pub pager_bytes: AtomicU64,
     /// Pool: the partition is paused because of this error (empty: running).
     pub paused: Mutex<Option<String>>,
+    /// The workload's access-time histogram (TSC cycles, `amsvm_abi::latency_bucket`),
+    /// as reported at EXIT when it was asked to measure; guest-supplied.
+    pub latency: Mutex<Vec<u64>>,
+    /// TSC frequency of the partition's vCPUs, kHz (0: unknown).
+    pub tsc_khz: AtomicU64,
 }
 
 /// What every device model reports to its partition's metrics.
@@ -99,6 +104,51 @@ impl PartitionMetrics {
 
     pub fn add_device(&self, d: Arc<dyn DeviceCounters>) {
         self.devices.lock().unwrap_or_else(|e| e.into_inner()).push(d);
+    }
+
+    /// The `q` quantile (0..=1) of the access-time histogram, in nanoseconds (the floor
+    /// of the bucket it falls in); None without samples or TSC frequency.
+    pub fn latency_quantile_ns(&self, q: f64) -> Option<f64> {
+        self.latency_quantile_above_ns(q, 0.0)
+    }
+
+    /// Like [`Self::latency_quantile_ns`], over the accesses that took at least `min_ns`
+    /// (e.g. those that waited on a fault); with their count.
+    pub fn latency_quantile_above_ns(&self, q: f64, min_ns: f64) -> Option<f64> {
+        let h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let khz = self.tsc_khz.load(Relaxed);
+        if khz == 0 {
+            return None;
+        }
+        let ns = |b: usize| amsvm_abi::latency_bucket_floor(b) as f64 * 1e6 / khz as f64;
+        let first = (0..h.len()).find(|&b| ns(b) >= min_ns).unwrap_or(h.len());
+        let total: u64 = h[first..].iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (b, &n) in h.iter().enumerate().skip(first) {
+            seen += n;
+            if seen >= want {
+                return Some(amsvm_abi::latency_bucket_floor(b) as f64 * 1e6 / khz as f64);
+            }
+        }
+        None
+    }
+
+    /// Accesses in the access-time histogram that took at least `min_ns`.
+    pub fn latency_samples_above(&self, min_ns: f64) -> u64 {
+        let h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let khz = self.tsc_khz.load(Relaxed);
+        if khz == 0 {
+            return 0;
+        }
+        h.iter()
+            .enumerate()
+            .filter(|&(b, _)| amsvm_abi::latency_bucket_floor(b) as f64 * 1e6 / khz as f64 >= min_ns)
+            .map(|(_, &n)| n)
+            .sum()
     }
 
     pub fn progress(&self) -> Progress {

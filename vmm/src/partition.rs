@@ -310,6 +310,9 @@ impl Partition {
                     workload: *workload,
                 };
                 let img = crate::kvm::native::prepare(&mem, &path, &bytes, bis)?;
+                if let Ok(khz) = vcpus[0].get_tsc_khz() {
+                    shared.metrics.tsc_khz.store(khz as u64, Relaxed);
+                }
                 crate::kvm::vm::mask_legacy_pic(&vm)?;
                 crate::kvm::native::setup_vcpu(kvm, &vcpus[0], img.entry)?;
             }

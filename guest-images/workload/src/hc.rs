@@ -71,3 +71,14 @@ pub fn exit_keep_progress(status: u64) -> ! {
         call(hc::EXIT);
     }
 }
+
+/// Count one access that took `cycles` TSC cycles in the mailbox's histogram (amsvm
+/// reads it at EXIT).
+pub fn record_latency(cycles: u64) {
+    let b = amsvm_abi::latency_bucket(cycles);
+    // SAFETY: as in `set_progress`; `b` < LATENCY_BUCKETS (the array's length).
+    unsafe {
+        let slot = addr_of_mut!((*mailbox()).latency[b]);
+        slot.write_volatile(slot.read_volatile() + 1);
+    }
+}

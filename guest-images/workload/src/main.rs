@@ -147,10 +147,20 @@ fn run(plan: &Plan, p: &mut Progress, t0: u64) -> u64 {
     let mut next_report = plan.report_every;
     let mut passes_shown = 0;
     let mut last_line = t0;
+    let latency_from = if w.measure_latency != 0 { w.latency_from } else { u64::MAX };
     while accesses < plan.max_accesses {
         let i = sampler.sample(&mut rng);
         let write = rng.percent(w.write_pct);
-        access(plan, i, write, p, &mut printed);
+        if accesses >= latency_from {
+            // SAFETY: rdtsc has no memory effects; CPL3 may use it (CR4.TSD is clear).
+            let t = unsafe { core::arch::x86_64::_rdtsc() };
+            access(plan, i, write, p, &mut printed);
+            // SAFETY: as above.
+            let dt = unsafe { core::arch::x86_64::_rdtsc() }.wrapping_sub(t);
+            hc::record_latency(dt);
+        } else {
+            access(plan, i, write, p, &mut printed);
+        }
         accesses += 1;
         if accesses == next_report {
             next_report = next_report.saturating_add(plan.report_every);

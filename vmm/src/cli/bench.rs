@@ -27,6 +27,9 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 10)]
         runs: u32,
     },
+    /// Page-in latency next to the raw userfaultfd round trip, and throughput at
+    /// several overcommit ratios next to a memory cgroup with swap.
+    Pool(super::bench_pool::PoolBenchArgs),
     /// One measured run of `startup` (internal).
     #[command(hide = true)]
     StartupChild {
@@ -41,6 +44,7 @@ pub fn bench(cmd: BenchCmd) -> i32 {
     match cmd {
         BenchCmd::Startup { partitions, mem_mib, runs } => startup(partitions, mem_mib, runs),
         BenchCmd::StartupChild { partitions, mem_mib } => startup_child(partitions, mem_mib << 20),
+        BenchCmd::Pool(args) => super::bench_pool::bench_pool(args),
     }
 }
 

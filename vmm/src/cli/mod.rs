@@ -2,6 +2,7 @@
 //! crash), 2 bad input (command line, config, images) — with a one-line error.
 
 mod bench;
+mod bench_pool;
 mod boot;
 mod run;
 mod stat;

@@ -52,7 +52,8 @@ pub fn run_specs_observed(
         Some(ps) => {
             std::fs::create_dir_all(&ps.paging_dir)
                 .map_err(|source| crate::Error::Io { path: ps.paging_dir.clone(), source })?;
-            let pool = Pool::new(ps.size_bytes).map_err(|e| crate::Error::Other(format!("pool: {e}")))?;
+            let pool = if ps.raw_uffd { Pool::new_raw() } else { Pool::new(ps.size_bytes) }
+                .map_err(|e| crate::Error::Other(format!("pool: {e}")))?;
             Some(PoolContext { pool, paging_dir: ps.paging_dir.clone() })
         }
     };

@@ -156,6 +156,7 @@ fn hypercall(ctx: &VcpuContext, data: &[u8]) {
         hc::PROGRESS => m.set_progress(&mb.progress),
         hc::EXIT => {
             m.set_progress(&mb.progress);
+            *m.latency.lock().unwrap_or_else(|e| e.into_inner()) = mb.latency.to_vec();
             ctx.shared.finish(Outcome::Exited(mb.arg[0]));
         }
         hc::CLOCK => ret(ctx.shared.since_start_ns()),

@@ -16,6 +16,9 @@
 //!   are unchanged since their last page-out and not written again; the rest go to the
 //!   pager in one batch; then the staging frames are dropped (MADV_DONTNEED).
 //! - page-in: MISSING fault on a paged-out page → pager read → UFFDIO_COPY → resume.
+//! - clustering: a fault also brings in the following pages that are in the same state
+//!   (never touched, or paged out together to consecutive slots), up to
+//!   [`partition::CLUSTER`] pages, into frames that are free — one ioctl, one read.
 //!
 //! Threads: one fault handler per partition. A handler that needs a frame may page out
 //! another partition's pages; it never touches guest memory itself, only through
@@ -39,7 +42,7 @@ use crate::metrics::PoolMetrics;
 pub const RECLAIM_BATCH: usize = 32;
 
 /// The fewest pages a reclaim round takes from its victim.
-pub const MIN_RECLAIM: usize = 4;
+pub const MIN_RECLAIM: usize = 16;
 
 /// Pages in the staging area, shared by all concurrent page-outs. Each round takes
 /// `RECLAIM_BATCH` of them; more rounds than fit wait for a free batch.
@@ -135,10 +138,22 @@ pub struct Pool {
     pub metrics: Arc<PoolMetrics>,
     /// Key of the page hashes (per process, random).
     hash_seed: u64,
+    /// Measurement mode (`amsvm bench pool`): faults are served with a zero page at once,
+    /// with no budget, table or pager — the bare userfaultfd round trip.
+    raw: bool,
 }
 
 impl Pool {
     pub fn new(size_bytes: u64) -> Result<Arc<Pool>, PoolError> {
+        Self::with_mode(size_bytes, false)
+    }
+
+    /// A pool that only measures the raw userfaultfd round trip (see `raw`).
+    pub fn new_raw() -> Result<Arc<Pool>, PoolError> {
+        Self::with_mode(u64::MAX, true)
+    }
+
+    fn with_mode(size_bytes: u64, raw: bool) -> Result<Arc<Pool>, PoolError> {
         let capacity = size_bytes / 4096;
         let metrics = Arc::new(PoolMetrics::default());
         metrics.size_pages.store(capacity, Relaxed);
@@ -155,6 +170,7 @@ impl Pool {
             staging: Staging::new()?,
             metrics,
             hash_seed,
+            raw,
         }))
     }
 
@@ -207,6 +223,19 @@ impl Pool {
                 let _ = self.frames.wait_timeout_while(s, FRAME_WAIT, |s| s.resident >= self.capacity);
             }
         }
+    }
+
+    /// Take up to `n` frames that are free now, without paging anything out.
+    fn try_acquire(&self, n: u64) -> u64 {
+        if n == 0 {
+            return 0;
+        }
+        let mut s = self.lock();
+        let k = n.min(self.capacity.saturating_sub(s.resident));
+        s.resident += k;
+        self.metrics.resident.store(s.resident, Relaxed);
+        self.metrics.peak_resident.fetch_max(s.resident, Relaxed);
+        k
     }
 
     /// Return `n` frames.

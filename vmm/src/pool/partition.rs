@@ -25,6 +25,30 @@ pub enum PoolError {
     Unaligned(u64, u64),
 }
 
+/// Most pages one fault brings in: the faulting page and the pages after it that are
+/// in the same state — never touched (zero-filled together), or paged out together to
+/// consecutive slots (read back with one read). Only free frames are used for the
+/// neighbours, so clustering never pages anything out.
+pub const CLUSTER: usize = 16;
+
+/// How many pages starting at `i` (in state `s`, slot `slot`) a fault brings in.
+fn cluster(t: &PageTable, i: usize, s: State, slot: Option<crate::pager::Slot>) -> usize {
+    let mut n = 1;
+    while n < CLUSTER && i + n < t.pages.len() {
+        let p = &t.pages[i + n];
+        let same = match s {
+            State::Zero => p.state == State::Zero,
+            State::Out => p.state == State::Out && slot.is_some_and(|sl| p.slot == sl.checked_add(n as u32)),
+            _ => false,
+        };
+        if !same {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
 /// Keeps a partition attached to the pool; dropping it detaches the partition (see
 /// [`PartitionPool::detach`]). Drop it after the VM and before guest memory.
 pub struct Attached(pub Arc<PartitionPool>);
@@ -61,6 +85,14 @@ pub struct PartitionPool {
     on_pause: PauseSink,
     stop: EventFd,
     handler: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Is the page at `addr` mapped (mincore)?
+fn is_mapped(addr: u64) -> bool {
+    let mut v = 0u8;
+    // SAFETY: mincore only reads page-table state of our own address space.
+    let rc = unsafe { libc::mincore(addr as *mut _, 4096, &mut v) };
+    rc != 0 || v & 1 != 0
 }
 
 fn page_is_zero(p: &[u8]) -> bool {
@@ -198,74 +230,108 @@ impl PartitionPool {
             return;
         };
         self.pool.metrics.faults.fetch_add(1, Relaxed);
-        // Claim the page, or find it already served.
-        let (prev, slot) = {
+        if self.pool.raw {
+            static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+            // SAFETY: a missing page of registered guest memory; ZERO holds a page.
+            let _ = unsafe { self.uffd.copy(ZERO.as_ptr().cast(), page_addr as *mut _, 4096, true) };
+            return;
+        }
+        // Claim the page, or find it already served; with it, the pages after it that
+        // can come in with it (see `cluster`).
+        let (prev, slot, mut run) = {
             let mut t = self.table();
             loop {
                 match t.pages[i].state {
                     State::Resident => {
                         drop(t);
+                        // Served meanwhile (two threads faulted on one page). A resident
+                        // page that is not mapped would fault for ever: that is a bug in
+                        // the pool, and the partition stops rather than spin.
+                        if !is_mapped(page_addr) {
+                            self.pause(format!("internal error: page {i} is resident in the pool's table but not mapped"));
+                            return;
+                        }
                         let _ = self.uffd.wake(page_addr as *mut _, 4096);
                         return;
                     }
                     State::Transit => t = self.settled.wait(t).unwrap_or_else(|e| e.into_inner()),
                     s => {
-                        t.pages[i].state = State::Transit;
-                        t.resident += 1;
-                        t.incoming += 1;
-                        break (s, t.pages[i].slot);
+                        let slot = t.pages[i].slot;
+                        let run = cluster(&t, i, s, slot);
+                        for j in i..i + run {
+                            t.pages[j].state = State::Transit;
+                        }
+                        t.resident += run as u64;
+                        t.incoming += run as u64;
+                        break (s, slot, run);
                     }
                 }
             }
         };
         if self.paused.load(Relaxed) || !self.pool.acquire(self) {
-            // Stopping: leave the page where it was and the vCPU blocked; teardown
+            // Stopping: leave the pages where they were and the vCPU blocked; teardown
             // unregisters the memory, which wakes it.
-            self.settle(i, prev, false);
+            for j in i..i + run {
+                self.settle(j, prev, false);
+            }
             return;
         }
+        // The neighbours come in only with frames that are free now: they are a guess,
+        // nobody is paged out for them.
+        let extra = self.pool.try_acquire(run as u64 - 1) as usize;
+        for j in i + 1 + extra..i + run {
+            self.settle(j, prev, false);
+        }
+        run = 1 + extra;
+        let len = run * PAGE_SIZE;
         let outcome = match prev {
             State::Zero => {
-                // A real zero-filled frame even for a read: a shared zero page would
-                // not be a frame now, but the guest's first write to it would take one
+                // Real zero-filled frames even for a read: a shared zero page would not
+                // be a frame now, but the guest's first write to it would take one
                 // behind the pool's back (a copy-on-write the pool never sees).
-                static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
-                // SAFETY: page_addr is a page of registered guest memory in Transit: no
-                // one else installs a page there; ZERO holds PAGE_SIZE bytes.
-                let r = unsafe { self.uffd.copy(ZERO.as_ptr().cast(), page_addr as *mut _, 4096, true) };
-                self.metrics.zero_fills.fetch_add(1, Relaxed);
-                r.map(|_| ()).map_err(|e| format!("installing a zero page: {e}"))
+                static ZERO: [u8; CLUSTER * PAGE_SIZE] = [0; CLUSTER * PAGE_SIZE];
+                // SAFETY: the run is registered guest memory in Transit, claimed by this
+                // thread: no one else installs pages there; ZERO holds `len` bytes.
+                let r = unsafe { self.uffd.copy(ZERO.as_ptr().cast(), page_addr as *mut _, len, true) };
+                self.metrics.zero_fills.fetch_add(run as u64, Relaxed);
+                r.map(|_| ()).map_err(|e| format!("installing zero pages: {e}"))
             }
             State::Out => {
                 let slot = slot.expect("a paged-out page has a slot");
-                let mut buf = vec![0u8; PAGE_SIZE];
-                match self.pager.read(slot, &mut buf) {
+                let mut buf = vec![0u8; len];
+                let read = if run == 1 { self.pager.read(slot, &mut buf) } else { self.pager.read_run(slot, run, &mut buf) };
+                match read {
                     Err(e) => {
-                        self.pool.release(1);
-                        self.settle(i, State::Out, false);
+                        self.pool.release(run as u64);
+                        for j in i..i + run {
+                            self.settle(j, State::Out, false);
+                        }
                         self.pause(e.to_string());
                         return;
                     }
                     Ok(()) => {
-                        // SAFETY: as above; buf holds PAGE_SIZE bytes.
-                        let r = unsafe { self.uffd.copy(buf.as_ptr().cast(), page_addr as *mut _, 4096, true) };
+                        // SAFETY: as above; buf holds `len` bytes.
+                        let r = unsafe { self.uffd.copy(buf.as_ptr().cast(), page_addr as *mut _, len, true) };
                         self.metrics.hpi.fetch_add(1, Relaxed);
+                        self.metrics.cluster_reads.fetch_add(run as u64 - 1, Relaxed);
                         self.metrics.hpit_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
-                        r.map(|_| ()).map_err(|e| format!("installing a paged-in page: {e}"))
+                        r.map(|_| ()).map_err(|e| format!("installing paged-in pages: {e}"))
                     }
                 }
             }
             State::Resident | State::Transit => unreachable!("claimed pages are Zero or Out"),
         };
-        match outcome {
-            Ok(()) => self.settle(i, State::Resident, true),
-            Err(e) => {
-                // EEXIST: something is mapped there already (cannot happen while the page
-                // is ours in Transit): take it as resident and wake the waiter.
-                tracing::warn!(partition = %self.name, "page {i}: {e}");
-                let _ = self.uffd.wake(page_addr as *mut _, 4096);
-                self.settle(i, State::Resident, true);
-            }
+        if let Err(e) = outcome {
+            // EEXIST: something is mapped there already (cannot happen while the pages
+            // are ours in Transit): take them as resident and wake the waiter.
+            tracing::warn!(partition = %self.name, "page {i}: {e}");
+            let _ = self.uffd.wake(page_addr as *mut _, len);
+        }
+        // The faulting page was used; its neighbours only guessed at, so the clock takes
+        // them first if the guess was wrong.
+        self.settle(i, State::Resident, true);
+        for j in i + 1..i + run {
+            self.settle(j, State::Resident, false);
         }
     }
 
@@ -329,19 +395,44 @@ impl PartitionPool {
         }
         let staging = &self.pool.staging;
         let batch = staging.take();
-        // Detach each victim from guest memory.
+        // Detach the victims from guest memory, runs of consecutive pages with one move.
         let mut moved = Vec::with_capacity(victims.len()); // (page, staging index)
         let mut back = Vec::new(); // (page, state) to settle without I/O
-        for (k, &i) in victims.iter().enumerate() {
-            match uffd::move_page(&staging.uffd, staging.page_addr(batch + k), self.addr(i)) {
-                Ok(()) => moved.push((i, batch + k)),
-                // Nothing mapped: the page holds no data.
-                Err(libc::ENOENT) => back.push((i, State::Zero)),
-                Err(e) => {
-                    tracing::debug!(partition = %self.name, "page {i} cannot be moved now (errno {e}); keeping it");
-                    back.push((i, State::Resident));
+        let mut k = 0;
+        while k < victims.len() {
+            let mut end = k + 1;
+            while end < victims.len() && victims[end] == victims[end - 1] + 1 {
+                end += 1;
+            }
+            let (first, n) = (victims[k], (end - k) as u64);
+            if uffd::move_range(&staging.uffd, staging.page_addr(batch + k), self.addr(first), n * 4096).is_ok() {
+                moved.extend(victims[k..end].iter().enumerate().map(|(o, &v)| (v, batch + k + o)));
+                k = end;
+                continue;
+            }
+            // The move stopped part way. Which pages moved is read from the page tables
+            // (a partial move reports EAGAIN whatever stopped it); the others are tried
+            // one by one for their own error.
+            for (j, &v) in victims.iter().enumerate().take(end).skip(k) {
+                let (guest, stage) = (self.addr(v), staging.page_addr(batch + j));
+                if is_mapped(stage) && !is_mapped(guest) {
+                    moved.push((v, batch + j));
+                    continue;
+                }
+                match uffd::move_page(&staging.uffd, stage, guest) {
+                    Ok(()) => moved.push((v, batch + j)),
+                    // Nothing mapped: the page holds no data.
+                    Err(libc::ENOENT) => {
+                        tracing::warn!(partition = %self.name, "page {v} was resident but nothing is mapped there");
+                        back.push((v, State::Zero))
+                    }
+                    Err(errno) => {
+                        tracing::debug!(partition = %self.name, "page {v} cannot be moved now (errno {errno}); keeping it");
+                        back.push((v, State::Resident));
+                    }
                 }
             }
+            k = end;
         }
         // Classify: zero, unchanged since its last page-out, or to be written.
         let mut zero = Vec::new();
@@ -400,7 +491,10 @@ impl PartitionPool {
         // Drop the staged frames (the dirty ones that failed were moved back already).
         // SAFETY: the batch's staging pages belong to this thread; dropping them frees
         // their frames, and the staging uffd has no remove events to wait for.
-        unsafe { libc::madvise(staging.page_addr(batch) as *mut _, RECLAIM_BATCH * PAGE_SIZE, libc::MADV_DONTNEED) };
+        let rc = unsafe { libc::madvise(staging.page_addr(batch) as *mut _, RECLAIM_BATCH * PAGE_SIZE, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            tracing::error!("dropping staged pages failed: {}", std::io::Error::last_os_error());
+        }
         staging.give_back(batch);
         // Record the outcome.
         let freed = (zero.len() + clean.len() + dirty.len()) as u64;
