@@ -156,7 +156,7 @@ pub struct Partition {
     event_manager: EventManager<Subscriber>,
     io: Bus,
     mmio: Bus,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     pool: Option<Attached>,
     mem: GuestMemory,
     kind: BootKind,
@@ -245,7 +245,13 @@ impl Partition {
                 Some(Attached(pp))
             }
         };
-        let vm = crate::kvm::vm::create(kvm, &mem)?;
+        let vm = Arc::new(crate::kvm::vm::create(kvm, &mem, pool.is_some())?);
+        if let Some(att) = &pool {
+            // The pool's clock learns which resident pages the guest wrote from KVM's
+            // dirty log (see `PartitionPool::set_reference_source`).
+            let (vm, len) = (vm.clone(), spec.mem_bytes as usize);
+            att.0.set_reference_source(Box::new(move || vm.get_dirty_log(0, len).ok()));
+        }
 
         // Event manager.
         let mut event_manager: EventManager<Subscriber> =
@@ -378,7 +384,7 @@ pub struct Running {
     em: Option<JoinHandle<()>>,
     pub shared: Arc<Shared>,
     // Drop order: the VM, then the pool attachment, then guest memory.
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     _pool: Option<Attached>,
     _mem: GuestMemory,
 }

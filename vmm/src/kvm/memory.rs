@@ -26,12 +26,13 @@ pub fn host_ranges(mem: &GuestMemory) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Register every region of `mem` with the VM as a memory slot.
-pub fn register(vm: &kvm_ioctls::VmFd, mem: &GuestMemory) -> Result<()> {
+/// Register every region of `mem` with the VM as a memory slot (`dirty_log`: with KVM
+/// dirty-page logging).
+pub fn register(vm: &kvm_ioctls::VmFd, mem: &GuestMemory, dirty_log: bool) -> Result<()> {
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_bindings::kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags: if dirty_log { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,

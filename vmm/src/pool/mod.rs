@@ -225,13 +225,17 @@ impl Pool {
         }
     }
 
-    /// Take up to `n` frames that are free now, without paging anything out.
+    /// Take up to `n` frames for pages brought in on speculation (clustering): only
+    /// frames that are free now beyond a reserve, so that under pressure — when the free
+    /// frames are the few a reclaim round just freed — nothing is brought in that would
+    /// only push out other pages.
     fn try_acquire(&self, n: u64) -> u64 {
         if n == 0 {
             return 0;
         }
         let mut s = self.lock();
-        let k = n.min(self.capacity.saturating_sub(s.resident));
+        let reserve = (self.capacity / 64).max(4 * RECLAIM_BATCH as u64);
+        let k = n.min(self.capacity.saturating_sub(s.resident + reserve));
         s.resident += k;
         self.metrics.resident.store(s.resident, Relaxed);
         self.metrics.peak_resident.fetch_max(s.resident, Relaxed);

@@ -85,7 +85,18 @@ pub struct PartitionPool {
     on_pause: PauseSink,
     stop: EventFd,
     handler: Mutex<Option<JoinHandle<()>>>,
+    /// Where the clock learns which resident pages were used lately (a bitmap, one bit
+    /// per guest page, set = written since the last call: KVM's dirty log).
+    references: Mutex<Option<ReferenceSource>>,
+    last_harvest: Mutex<Instant>,
 }
+
+/// Returns a bitmap of the pages written since the previous call.
+pub type ReferenceSource = Box<dyn Fn() -> Option<Vec<u64>> + Send + Sync>;
+
+/// How often at most the clock reads the reference bitmap: reading it write-protects the
+/// written pages again, so their next write costs a (cheap, in-kernel) fault.
+const HARVEST_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Is the page at `addr` mapped (mincore)?
 fn is_mapped(addr: u64) -> bool {
@@ -146,6 +157,8 @@ impl PartitionPool {
             on_pause,
             stop: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| PoolError::Os("eventfd", e))?,
             handler: Mutex::new(None),
+            references: Mutex::new(None),
+            last_harvest: Mutex::new(Instant::now()),
         });
         pool.register(&pp);
         let me = pp.clone();
@@ -155,6 +168,39 @@ impl PartitionPool {
             .map_err(|e| PoolError::Os("spawning the fault handler", e))?;
         *pp.handler.lock().unwrap() = Some(h);
         Ok(pp)
+    }
+
+    /// Give the clock a source of reference bits (see [`ReferenceSource`]).
+    pub fn set_reference_source(&self, f: ReferenceSource) {
+        *self.references.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
+    /// Mark the resident pages written since the last harvest as referenced.
+    fn harvest_references(&self) {
+        {
+            let mut last = self.last_harvest.lock().unwrap_or_else(|e| e.into_inner());
+            if last.elapsed() < HARVEST_INTERVAL {
+                return;
+            }
+            *last = Instant::now();
+        }
+        let bits = match self.references.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(f) => f(),
+            None => return,
+        };
+        let Some(bits) = bits else { return };
+        let mut t = self.table();
+        let n = t.pages.len();
+        for (w, &word) in bits.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let i = w * 64 + word.trailing_zeros() as usize;
+                word &= word - 1;
+                if i < n && t.pages[i].state == State::Resident {
+                    t.pages[i].referenced = true;
+                }
+            }
+        }
     }
 
     pub(super) fn table(&self) -> std::sync::MutexGuard<'_, PageTable> {
@@ -385,6 +431,7 @@ impl PartitionPool {
         if !*alive || self.paused.load(Relaxed) {
             return 0;
         }
+        self.harvest_references();
         let victims = {
             let mut t = self.table();
             let floor = self.min_pages;
