@@ -43,3 +43,47 @@ fn power_off_reset_and_crash_are_reported() {
     let boots = log("reset").matches('R').count();
     assert_eq!(boots, 17, "log: {:?}", log("reset"));
 }
+
+#[test]
+fn sigint_stops_every_partition_and_cleans_up() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let mut cfg = String::from("log_dir = \"logs\"\n[pool]\nsize_mib = 48\npaging_dir = \"paging\"\n");
+    for i in 0..2 {
+        cfg += &format!(
+            "[[partition]]\nname = \"s{i}\"\nlogical_mib = 64\nimage = \"workload\"\n\
+             [partition.workload]\nworking_set_mib = 40\npattern = \"uniform\"\nduration_ms = 600000\n"
+        );
+    }
+    let sock = p.join("ctl.sock");
+    let child = amsvm()
+        .arg("run")
+        .arg(write_config(p, "long.toml", &cfg))
+        .arg("--socket")
+        .arg(&sock)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until both partitions have paged, then interrupt.
+    let t0 = std::time::Instant::now();
+    loop {
+        assert!(t0.elapsed().as_secs() < 60, "the partitions never paged");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let files = std::fs::read_dir(p.join("paging")).map(|r| r.count()).unwrap_or(0);
+        if files == 2 && sock.exists() {
+            break;
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "stopped partitions are not a success\n{stdout}\n{stderr}");
+    let rows = summary(&stdout);
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r.outcome == "stopped" && r.failures == 0), "{stdout}");
+    assert_eq!(std::fs::read_dir(p.join("paging")).unwrap().count(), 0, "paging files removed");
+    assert!(!sock.exists(), "control socket removed");
+}

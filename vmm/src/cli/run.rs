@@ -99,7 +99,28 @@ pub fn run_specs_observed(
         *built.0.lock().unwrap() += 1;
         built.1.notify_all();
     };
+    // SIGINT/SIGTERM stop every partition cleanly (summary, paging files and control
+    // socket removed); a second one ends amsvm at once.
+    let term = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, term.clone());
+        let _ = signal_hook::flag::register(sig, term.clone());
+    }
+    let all_done = std::sync::atomic::AtomicBool::new(false);
     let reports = std::thread::scope(|sc| {
+        {
+            let (term, ctls, all_done) = (&term, &ctls, &all_done);
+            sc.spawn(move || {
+                while !all_done.load(std::sync::atomic::Ordering::Relaxed) {
+                    if term.load(std::sync::atomic::Ordering::Relaxed) {
+                        eprintln!("amsvm: stopping every partition (again to quit at once)");
+                        ctls.iter().for_each(PartitionControl::stop);
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            });
+        }
         let handles: Vec<_> = specs
             .iter()
             .enumerate()
@@ -139,7 +160,9 @@ pub fn run_specs_observed(
                 f(Observed { metrics: &metrics, guest_ranges: &ranges });
             }
         }
-        handles.into_iter().map(|h| h.join().expect("partition supervisor panicked")).collect::<Vec<_>>()
+        let reports = handles.into_iter().map(|h| h.join().expect("partition supervisor panicked")).collect::<Vec<_>>();
+        all_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        reports
     });
     if let Some(e) = build_error.into_inner().unwrap() {
         return Err(e);
