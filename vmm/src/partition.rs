@@ -161,6 +161,7 @@ pub struct Partition {
     mem: GuestMemory,
     kind: BootKind,
     pub shared: Arc<Shared>,
+    home: Option<usize>,
 }
 
 /// What partitions need to draw their memory from the pool.
@@ -240,6 +241,7 @@ impl Partition {
                     Arc::new(store),
                     shared.metrics.clone(),
                     on_pause,
+                    home_cpu(spec),
                 )
                 .map_err(|e| Error::Other(format!("pool: {e}")))?;
                 Some(Attached(pp))
@@ -342,7 +344,8 @@ impl Partition {
             (BootConfig::Native { .. }, None) => unreachable!("native image read above"),
         }
 
-        Ok(Partition { vcpus, event_manager, io, mmio, vm, pool, mem, kind, shared })
+        let home = home_cpu(spec);
+        Ok(Partition { vcpus, event_manager, io, mmio, vm, pool, mem, kind, shared, home })
     }
 
     /// Host address ranges `(start, len)` of this partition's guest RAM.
@@ -353,7 +356,8 @@ impl Partition {
     /// Start the vCPU threads and the device event loop.
     pub fn start(self) -> Result<Running> {
         vcpu::install_kick_handler();
-        let Partition { vcpus, mut event_manager, io, mmio, vm, pool, mem, kind, shared } = self;
+        let home = if self.pool.is_some() { self.home } else { None };
+        let Partition { vcpus, mut event_manager, io, mmio, vm, pool, mem, kind, shared, .. } = self;
         let mut threads = Vec::new();
         let em_shared = shared.clone();
         let em = std::thread::Builder::new()
@@ -370,7 +374,12 @@ impl Partition {
             let ctx = VcpuContext { id: id as u32, kind, io: io.clone(), mmio: mmio.clone(), mem: mem.clone(), shared: shared.clone() };
             let t = std::thread::Builder::new()
                 .name(format!("{}-vcpu{id}", shared.name))
-                .spawn(move || vcpu::run(&mut fd, &ctx))
+                .spawn(move || {
+                    if let Some(cpu) = home {
+                        pin_current_thread(cpu);
+                    }
+                    vcpu::run(&mut fd, &ctx)
+                })
                 .map_err(|e| Error::Other(format!("cannot start vCPU thread: {e}")))?;
             threads.push(t);
         }
@@ -483,5 +492,40 @@ pub fn supervise(
             return Report { name: spec.name.clone(), outcome: Outcome::Crashed(format!("reset loop: {n} resets")), metrics };
         }
         return Report { name: spec.name.clone(), outcome, metrics };
+    }
+}
+
+/// The CPU a single-vCPU partition's vCPU thread and pool fault handler share: one of the
+/// CPUs this process may run on, round robin by partition id. A fault then wakes its
+/// handler, and the handler the vCPU, on one CPU with no cross-CPU wake-up: measured
+/// here, that halves the userfaultfd round trip (88 to 38 µs p50, `amsvm bench pool`).
+/// Partitions with several vCPUs are not pinned (they would lose their parallelism).
+pub fn home_cpu(spec: &PartitionSpec) -> Option<usize> {
+    if spec.vcpus != 1 {
+        return None;
+    }
+    // SAFETY: sched_getaffinity fills the zeroed set we own for the calling thread's process.
+    let allowed: Vec<usize> = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    };
+    if allowed.is_empty() {
+        return None;
+    }
+    Some(allowed[spec.id as usize % allowed.len()])
+}
+
+/// Run the calling thread on `cpu` only (best effort: a failure leaves it unpinned).
+pub fn pin_current_thread(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set, applied to the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::debug!("cannot pin a thread to CPU {cpu}: {}", std::io::Error::last_os_error());
+        }
     }
 }

@@ -116,8 +116,8 @@ fn page_is_zero(p: &[u8]) -> bool {
 
 impl PartitionPool {
     /// Register guest memory `[base, base + len)` with the pool and start its fault
-    /// handler. Call before anything touches that memory: every page must be granted
-    /// by the pool.
+    /// handler (on `home_cpu` if given: see [`crate::partition::home_cpu`]). Call before
+    /// anything touches that memory: every page must be granted by the pool.
     #[allow(clippy::too_many_arguments)]
     pub fn attach(
         pool: &Arc<Pool>,
@@ -129,6 +129,7 @@ impl PartitionPool {
         pager: Arc<dyn Pager>,
         metrics: Arc<PartitionMetrics>,
         on_pause: PauseSink,
+        home_cpu: Option<usize>,
     ) -> Result<Arc<PartitionPool>, PoolError> {
         if !base.is_multiple_of(4096) || !len.is_multiple_of(4096) {
             return Err(PoolError::Unaligned(base, len));
@@ -164,7 +165,12 @@ impl PartitionPool {
         let me = pp.clone();
         let h = std::thread::Builder::new()
             .name(format!("{name}-pager"))
-            .spawn(move || me.serve())
+            .spawn(move || {
+                if let Some(cpu) = home_cpu {
+                    crate::partition::pin_current_thread(cpu);
+                }
+                me.serve()
+            })
             .map_err(|e| PoolError::Os("spawning the fault handler", e))?;
         *pp.handler.lock().unwrap() = Some(h);
         Ok(pp)

@@ -146,6 +146,7 @@ fn part(pool: &Arc<Pool>, name: &str, pages: usize, min_pages: u64, weight: u8, 
         pager.clone(),
         metrics.clone(),
         Box::new(move |why| *p2.lock().unwrap() = Some(why)),
+        None,
     )
     .unwrap();
     Part { pp: Attached(pp), region, metrics, pager, paused }
