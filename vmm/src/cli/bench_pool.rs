@@ -159,13 +159,16 @@ fn bench(a: &PoolBenchArgs) -> Result<(), String> {
         let writes: u64 = r.iter().map(|r| r.metrics.page_out_writes.load(Relaxed)).sum();
         let hpi: u64 = ours.iter().map(|o| o.1).sum();
         let base = match &swap {
-            None => None,
+            None => Base::Skipped,
             Some(_) => {
                 eprintln!("throughput at {ratio}x: baseline (cgroup {pool_mib} MiB + swap) ...");
-                Some(baseline(a, &specs, pool_mib)?)
+                match baseline(a, &specs, pool_mib)? {
+                    Some(b) => Base::Ran(rate(&b.0), b.1, b.2),
+                    None => Base::OomKilled,
+                }
             }
         };
-        rows.push((ratio, pool_mib, rate(&ours), hpi, writes, base.map(|b| (rate(&b.0), b.1, b.2))));
+        rows.push((ratio, pool_mib, rate(&ours), hpi, writes, base));
     }
     drop(swap);
 
@@ -189,11 +192,15 @@ fn bench(a: &PoolBenchArgs) -> Result<(), String> {
     );
     for (ratio, pool_mib, ours, hpi, writes, base) in rows {
         match base {
-            Some((b, sin, sout)) => println!(
+            Base::Ran(b, sin, sout) => println!(
                 "{:>5.1}x {:>9} {:>14.0} {:>10} {:>12} {:>14.0} {:>10} {:>10} {:>12.2}",
                 ratio, pool_mib, ours, hpi, writes, b, sin, sout, ours / b
             ),
-            None => println!("{:>5.1}x {:>9} {:>14.0} {:>10} {:>12} {:>14} {:>10} {:>10} {:>12}", ratio, pool_mib, ours, hpi, writes, "-", "-", "-", "-"),
+            Base::OomKilled => println!(
+                "{:>5.1}x {:>9} {:>14.0} {:>10} {:>12} {:>14} {:>10} {:>10} {:>12}",
+                ratio, pool_mib, ours, hpi, writes, "OOM-killed", "-", "-", "-"
+            ),
+            Base::Skipped => println!("{:>5.1}x {:>9} {:>14.0} {:>10} {:>12} {:>14} {:>10} {:>10} {:>12}", ratio, pool_mib, ours, hpi, writes, "-", "-", "-", "-"),
         }
     }
     println!("vpg/s: pages verified per second, all partitions together (the workload checks every word of every page it reads)");
@@ -202,6 +209,15 @@ fn bench(a: &PoolBenchArgs) -> Result<(), String> {
 
 fn chrono_like_date() -> String {
     Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+}
+
+/// What the baseline did at one ratio.
+enum Base {
+    /// pages verified per second, swap-ins, swap-outs
+    Ran(f64, u64, u64),
+    /// The memory cgroup's OOM killer ended it.
+    OomKilled,
+    Skipped,
 }
 
 /// A swap file, on while it lives.
@@ -250,7 +266,9 @@ fn vmstat(key: &str) -> u64 {
 /// Per partition (pages verified, hpi), then swap-ins and swap-outs.
 type BaselineResult = (Vec<(u64, u64)>, u64, u64);
 
-fn baseline(a: &PoolBenchArgs, specs: &[PartitionSpec], pool_mib: u64) -> Result<BaselineResult, String> {
+/// `Ok(None)`: the memory cgroup's OOM killer ended the run (the kernel could not
+/// reclaim fast enough), which is a result too.
+fn baseline(a: &PoolBenchArgs, specs: &[PartitionSpec], pool_mib: u64) -> Result<Option<BaselineResult>, String> {
     let cg = PathBuf::from(format!("/sys/fs/cgroup/memory/amsvm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&cg).map_err(|e| format!("{}: {e} (the baseline needs the cgroup v1 memory controller)", cg.display()))?;
     let _rm = RemoveDir(cg.clone());
@@ -291,8 +309,18 @@ fn baseline(a: &PoolBenchArgs, specs: &[PartitionSpec], pool_mib: u64) -> Result
         .map_err(|e| format!("cannot start the baseline run: {e}"))?;
     let (sin, sout) = (vmstat("pswpin ").saturating_sub(sin), vmstat("pswpout ").saturating_sub(sout));
     let stdout = String::from_utf8_lossy(&out.stdout);
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if out.status.signal() == Some(libc::SIGKILL) {
+            return Ok(None);
+        }
+    }
     if !out.status.success() {
-        return Err(format!("baseline run failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "baseline run failed ({}; a memory cgroup kills on OOM when swap runs out): {}\n{stdout}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     // Rows of the summary table: name, touched, verified, ...
     let rows: Vec<(u64, u64)> = stdout
@@ -303,7 +331,7 @@ fn baseline(a: &PoolBenchArgs, specs: &[PartitionSpec], pool_mib: u64) -> Result
     if rows.len() != specs.len() {
         return Err(format!("cannot read the baseline's summary:\n{stdout}"));
     }
-    Ok((rows, sin, sout))
+    Ok(Some((rows, sin, sout)))
 }
 
 struct RemoveDir(PathBuf);
