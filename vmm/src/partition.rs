@@ -223,6 +223,7 @@ impl Partition {
         // Memory (drawn from the pool when there is one: attached before anything
         // touches it) and the VM.
         let mem = crate::kvm::memory::create(spec.mem_bytes)?;
+        let home = home_cpu(spec);
         let pool = match pool {
             None => None,
             Some(ctx) => {
@@ -241,7 +242,7 @@ impl Partition {
                     Arc::new(store),
                     shared.metrics.clone(),
                     on_pause,
-                    home_cpu(spec),
+                    home,
                 )
                 .map_err(|e| Error::Other(format!("pool: {e}")))?;
                 Some(Attached(pp))
@@ -344,7 +345,6 @@ impl Partition {
             (BootConfig::Native { .. }, None) => unreachable!("native image read above"),
         }
 
-        let home = home_cpu(spec);
         Ok(Partition { vcpus, event_manager, io, mmio, vm, pool, mem, kind, shared, home })
     }
 

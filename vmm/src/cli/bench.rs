@@ -86,33 +86,39 @@ fn mono_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// A single-vCPU partition of `mem_bytes` running the built-in workload `w`, as the
+/// benches start them (no disk, no console, default pool settings).
+pub(super) fn workload_spec(id: u32, name: String, mem_bytes: u64, w: WorkloadParams) -> PartitionSpec {
+    PartitionSpec {
+        id,
+        name,
+        mem_bytes,
+        min_bytes: 0,
+        weight: crate::config::DEFAULT_WEIGHT,
+        paging_file: None,
+        vcpus: 1,
+        boot: BootConfig::Native { image: None, workload: w },
+        disks: vec![],
+        console_stdout: false,
+        log_path: None,
+    }
+}
+
 fn bench_specs(n: u32, mem_bytes: u64) -> Vec<PartitionSpec> {
     (0..n)
-        .map(|i| PartitionSpec {
-            id: i,
-            name: format!("p{i}"),
-            mem_bytes,
-            min_bytes: 0,
-            weight: crate::config::DEFAULT_WEIGHT,
-            paging_file: None,
-            vcpus: 1,
-            boot: BootConfig::Native {
-                image: None,
-                workload: WorkloadParams {
-                    working_set_pages: 256,
-                    pattern: pattern::SEQUENTIAL,
-                    write_pct: 50,
-                    duration_ms: 300,
-                    seed: i as u64 + 1,
-                    hot_pct: 10,
-                    hot_access_pct: 90,
-                    phase_accesses: 512,
-                    ..Default::default()
-                },
-            },
-            disks: vec![],
-            console_stdout: false,
-            log_path: None,
+        .map(|i| {
+            let w = WorkloadParams {
+                working_set_pages: 256,
+                pattern: pattern::SEQUENTIAL,
+                write_pct: 50,
+                duration_ms: 300,
+                seed: i as u64 + 1,
+                hot_pct: 10,
+                hot_access_pct: 90,
+                phase_accesses: 512,
+                ..Default::default()
+            };
+            workload_spec(i, format!("p{i}"), mem_bytes, w)
         })
         .collect()
 }

@@ -13,7 +13,7 @@ use clap::Args;
 
 use super::run::{run_specs, success, Control};
 use super::{EXIT_BAD_INPUT, EXIT_GUEST_FAILED};
-use crate::config::{BootConfig, PartitionSpec, PoolSpec, DEFAULT_WEIGHT};
+use crate::config::{BootConfig, PartitionSpec, PoolSpec};
 use crate::partition::Report;
 
 #[derive(Args, Debug)]
@@ -45,19 +45,7 @@ pub struct PoolBenchArgs {
 const MIB: u64 = 1 << 20;
 
 fn spec(id: u32, mem_mib: u64, w: WorkloadParams) -> PartitionSpec {
-    PartitionSpec {
-        id,
-        name: format!("b{id}"),
-        mem_bytes: mem_mib * MIB,
-        min_bytes: 0,
-        weight: DEFAULT_WEIGHT,
-        paging_file: None,
-        vcpus: 1,
-        boot: BootConfig::Native { image: None, workload: w },
-        disks: vec![],
-        console_stdout: false,
-        log_path: None,
-    }
+    super::bench::workload_spec(id, format!("b{id}"), mem_mib * MIB, w)
 }
 
 fn run(specs: &[PartitionSpec], pool: Option<&PoolSpec>) -> Result<Vec<Report>, String> {

@@ -31,6 +31,9 @@ pub enum PoolError {
 /// neighbours, so clustering never pages anything out.
 pub const CLUSTER: usize = 16;
 
+/// Zeros for first touches: up to a whole cluster in one UFFDIO_COPY.
+static ZERO: [u8; CLUSTER * PAGE_SIZE] = [0; CLUSTER * PAGE_SIZE];
+
 /// How many pages starting at `i` (in state `s`, slot `slot`) a fault brings in.
 fn cluster(t: &PageTable, i: usize, s: State, slot: Option<crate::pager::Slot>) -> usize {
     let mut n = 1;
@@ -283,7 +286,6 @@ impl PartitionPool {
         };
         self.pool.metrics.faults.fetch_add(1, Relaxed);
         if self.pool.raw {
-            static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
             // SAFETY: a missing page of registered guest memory; ZERO holds a page.
             let _ = unsafe { self.uffd.copy(ZERO.as_ptr().cast(), page_addr as *mut _, 4096, true) };
             return;
@@ -341,7 +343,6 @@ impl PartitionPool {
                 // Real zero-filled frames even for a read: a shared zero page would not
                 // be a frame now, but the guest's first write to it would take one
                 // behind the pool's back (a copy-on-write the pool never sees).
-                static ZERO: [u8; CLUSTER * PAGE_SIZE] = [0; CLUSTER * PAGE_SIZE];
                 // SAFETY: the run is registered guest memory in Transit, claimed by this
                 // thread: no one else installs pages there; ZERO holds `len` bytes.
                 let r = unsafe { self.uffd.copy(ZERO.as_ptr().cast(), page_addr as *mut _, len, true) };
