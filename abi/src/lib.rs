@@ -149,8 +149,24 @@ pub struct WorkloadParams {
     pub latency_from: u64,
     /// 1 = record access times (see `latency_from`), 0 = do not.
     pub measure_latency: u32,
-    /// Reserved, zero.
-    pub _pad: u32,
+    /// What the workload does with a virtio-balloon device (one of [`balloon`]).
+    pub balloon: u32,
+    /// Idle pages: stamped once after the working set at start, then left alone (the
+    /// memory of a page cache nobody reads any more). They are what a cooperating
+    /// balloon driver loans first; the final pass verifies every idle page that is not
+    /// loaned.
+    pub idle_pages: u64,
+}
+
+/// What the workload guest does with its virtio-balloon device
+/// ([`WorkloadParams::balloon`]).
+pub mod balloon {
+    /// Leave the device alone (a partition that does not cooperate).
+    pub const IGNORE: u32 = 0;
+    /// Follow the target (inflate with free pages, deflate), report statistics.
+    pub const COOPERATE: u32 = 1;
+    /// As COOPERATE, and also report free pages (VIRTIO_BALLOON_F_PAGE_REPORTING).
+    pub const COOPERATE_AND_REPORT: u32 = 2;
 }
 
 /// The boot-info page at [`layout::BOOT_INFO`], written by amsvm before entry.
@@ -217,7 +233,8 @@ impl BootInfo {
                 disk_test_blocks: 0,
                 latency_from: u64::MAX,
                 measure_latency: 0,
-                _pad: 0,
+                balloon: 0,
+                idle_pages: 0,
             },
         }
     }

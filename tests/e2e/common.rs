@@ -42,6 +42,8 @@ pub struct Row {
     pub rejected: u64,
     pub hpi: u64,
     pub page_outs: u64,
+    /// Highest balloon loan, pages (0 without a balloon).
+    pub peak_loan: u64,
     pub outcome: String,
 }
 
@@ -54,7 +56,7 @@ pub fn summary(stdout: &str) -> Vec<Row> {
         .take_while(|l| !l.trim().is_empty())
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            assert!(f.len() >= 12, "short summary row: {l}");
+            assert!(f.len() >= 13, "short summary row: {l}");
             let n = |i: usize| f[i].parse::<u64>().unwrap_or_else(|_| panic!("bad number in summary row: {l}"));
             Row {
                 name: f[0].to_string(),
@@ -68,7 +70,8 @@ pub fn summary(stdout: &str) -> Vec<Row> {
                 rejected: n(8),
                 hpi: n(9),
                 page_outs: n(10),
-                outcome: f[11..].join(" "),
+                peak_loan: n(11),
+                outcome: f[12..].join(" "),
             }
         })
         .collect()

@@ -101,6 +101,10 @@ pub struct PartitionConfig {
     /// With a pool: this partition's paging device (default: `<paging_dir>/<name>.pages`).
     #[serde(default)]
     pub paging_file: Option<PathBuf>,
+    /// With a pool: how far the pool may ask this partition to loan memory through its
+    /// virtio-balloon device: "off", "default" or "aggressive".
+    #[serde(default)]
+    pub loan_policy: LoanPolicy,
     #[serde(default = "one")]
     pub vcpus: u32,
     /// Native image: "workload" (built in) or a path to an ELF64 image.
@@ -124,6 +128,29 @@ pub struct PartitionConfig {
 
 fn one() -> u32 {
     1
+}
+
+/// How far the pool may ask a partition to loan memory (the AIX `ams_loan_policy` idea).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoanPolicy {
+    /// Never asked: the pool reclaims from it by hypervisor paging only.
+    Off,
+    /// Asked for the free memory its balloon statistics show, above its `min_mib`.
+    #[default]
+    Default,
+    /// Asked for everything above its `min_mib`; the guest gives what it can.
+    Aggressive,
+}
+
+impl std::fmt::Display for LoanPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LoanPolicy::Off => "off",
+            LoanPolicy::Default => "default",
+            LoanPolicy::Aggressive => "aggressive",
+        })
+    }
 }
 
 fn default_weight() -> u8 {
@@ -170,6 +197,18 @@ pub struct WorkloadConfig {
     /// Hostile requests before the normal workload (`WorkloadParams::chaos`).
     #[serde(default)]
     pub chaos: bool,
+    /// Idle memory after the working set: stamped once at start, then left alone
+    /// (`WorkloadParams::idle_pages`).
+    #[serde(default)]
+    pub idle_mib: u64,
+    /// What the workload does with its balloon device: "ignore", "cooperate" or
+    /// "report" (cooperate and report free pages).
+    #[serde(default = "default_balloon")]
+    pub balloon: String,
+}
+
+fn default_balloon() -> String {
+    "cooperate".into()
 }
 
 fn default_pattern() -> String {
@@ -216,6 +255,7 @@ pub struct PartitionSpec {
     pub min_bytes: u64,
     pub weight: u8,
     pub paging_file: Option<PathBuf>,
+    pub loan_policy: LoanPolicy,
     pub vcpus: u32,
     pub boot: BootConfig,
     pub disks: Vec<DiskConfig>,
@@ -332,8 +372,10 @@ impl Config {
             if p.min_mib > p.logical_mib {
                 return err(format!("{what}: min_mib ({}) is above logical_mib ({})", p.min_mib, p.logical_mib));
             }
-            if self.pool.is_none() && (p.min_mib != 0 || p.weight != DEFAULT_WEIGHT || p.paging_file.is_some()) {
-                return err(format!("{what}: min_mib, weight and paging_file only apply with a [pool]"));
+            if self.pool.is_none()
+                && (p.min_mib != 0 || p.weight != DEFAULT_WEIGHT || p.paging_file.is_some() || p.loan_policy != LoanPolicy::Default)
+            {
+                return err(format!("{what}: min_mib, weight, paging_file and loan_policy only apply with a [pool]"));
             }
             let boot = match (&p.image, &p.kernel) {
                 (Some(_), Some(_)) => return err(format!("{what}: give either image (native) or kernel (Linux), not both")),
@@ -381,6 +423,7 @@ impl Config {
                 min_bytes: p.min_mib << 20,
                 weight: p.weight,
                 paging_file: p.paging_file.as_ref().map(|f| resolve(f)),
+                loan_policy: p.loan_policy,
                 vcpus: p.vcpus,
                 boot,
                 disks,
@@ -392,10 +435,11 @@ impl Config {
     }
 }
 
-/// Guest RAM the workload's bookkeeping and image need besides the working set: the
-/// image and stack (below 4 MiB), the version table (4 bytes per page) and a virtqueue.
-pub fn workload_overhead_bytes(working_set_pages: u64) -> u64 {
-    4 * 1024 * 1024 + working_set_pages * 4 + 64 * 1024
+/// Guest RAM the workload's bookkeeping and image need besides its stamped pages
+/// (working set and idle pages): the image and stack (below 4 MiB), the version table
+/// (4 bytes per stamped page) and the virtio queues and buffers.
+pub fn workload_overhead_bytes(stamped_pages: u64) -> u64 {
+    4 * 1024 * 1024 + stamped_pages * 4 + 128 * 1024
 }
 
 impl WorkloadConfig {
@@ -412,15 +456,24 @@ impl WorkloadConfig {
             return err(format!("{what}.working_set_mib: must be at least 1"));
         }
         let pages = self.working_set_mib.saturating_mul(256);
-        let need = pages.saturating_mul(4096).saturating_add(workload_overhead_bytes(pages));
+        let idle = self.idle_mib.saturating_mul(256);
+        let stamped = pages.saturating_add(idle);
+        let need = stamped.saturating_mul(4096).saturating_add(workload_overhead_bytes(stamped));
         if need > mem_bytes {
             return err(format!(
-                "{what}.working_set_mib: {} MiB plus {} MiB of image and bookkeeping does not fit in logical_mib ({} MiB)",
+                "{what}.working_set_mib: {} MiB{} plus {} MiB of image and bookkeeping does not fit in logical_mib ({} MiB)",
                 self.working_set_mib,
-                workload_overhead_bytes(pages).div_ceil(1 << 20),
+                if idle > 0 { format!(" and idle_mib {} MiB", self.idle_mib) } else { String::new() },
+                workload_overhead_bytes(stamped).div_ceil(1 << 20),
                 mem_bytes >> 20
             ));
         }
+        let balloon = match self.balloon.as_str() {
+            "ignore" => amsvm_abi::balloon::IGNORE,
+            "cooperate" => amsvm_abi::balloon::COOPERATE,
+            "report" => amsvm_abi::balloon::COOPERATE_AND_REPORT,
+            other => return err(format!("{what}.balloon: unknown mode \"{other}\"; use ignore, cooperate or report")),
+        };
         if self.write_pct > 100 {
             return err(format!("{what}.write_pct: {} is above 100", self.write_pct));
         }
@@ -452,7 +505,8 @@ impl WorkloadConfig {
             disk_test_blocks: self.disk_test_blocks,
             latency_from: u64::MAX,
             measure_latency: 0,
-            _pad: 0,
+            balloon,
+            idle_pages: idle,
         })
     }
 }

@@ -59,6 +59,10 @@ pub struct PartitionMetrics {
     pub latency: Mutex<Vec<u64>>,
     /// TSC frequency of the partition's vCPUs, kHz (0: unknown).
     pub tsc_khz: AtomicU64,
+    /// The partition's virtio-balloon (its current incarnation), if it has one.
+    pub balloon: Mutex<Option<Arc<crate::devices::virtio::balloon::BalloonState>>>,
+    /// Times the loaning policy found this partition's balloon not following its target.
+    pub loan_unresponsive: AtomicU64,
 }
 
 /// What every device model reports to its partition's metrics.

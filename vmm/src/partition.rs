@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{BootConfig, PartitionSpec};
 use crate::devices::power::{self, AcpiPower, PowerEvent, PowerSink, ResetControl, I8042};
 use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_GSI, COM1_PORT};
+use crate::devices::virtio::balloon::{BalloonHandle, VirtioBalloon};
 use crate::devices::virtio::blk::VirtioBlock;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::Bus;
@@ -239,6 +240,7 @@ impl Partition {
                     len,
                     spec.min_bytes,
                     spec.weight,
+                    spec.loan_policy,
                     Arc::new(store),
                     shared.metrics.clone(),
                     on_pause,
@@ -305,6 +307,24 @@ impl Partition {
             mmio.insert(base, layout::MMIO_SIZE, t.clone()).map_err(bus_err)?;
             event_manager.add_subscriber(t);
             devices.push(DeviceInfo { mmio_base: base, mmio_size: layout::MMIO_SIZE, device_id: 2, irq: gsi });
+        }
+        // A partition in a pool has a virtio-balloon: the cooperative path of the pool.
+        if let Some(att) = &pool {
+            let i = devices.len();
+            let (base, gsi) = device_slot(i);
+            let discard: Arc<dyn crate::devices::virtio::balloon::Discard> = att.0.clone();
+            let balloon = VirtioBalloon::new(spec.mem_bytes, discard);
+            let state = balloon.state();
+            shared.metrics.add_device(state.clone());
+            *shared.metrics.balloon.lock().unwrap_or_else(|e| e.into_inner()) = Some(state.clone());
+            let t = MmioTransport::new(Box::new(balloon), mem.clone(), &vm, base, gsi)
+                .map_err(|e| Error::Device(format!("partition \"{}\": virtio-mmio for the balloon: {e}", spec.name)))?;
+            shared.metrics.add_device(t.metrics());
+            let t = Arc::new(Mutex::new(t));
+            att.0.set_balloon(BalloonHandle::new(state, &t));
+            mmio.insert(base, layout::MMIO_SIZE, t.clone()).map_err(bus_err)?;
+            event_manager.add_subscriber(t);
+            devices.push(DeviceInfo { mmio_base: base, mmio_size: layout::MMIO_SIZE, device_id: 5, irq: gsi });
         }
 
         // Boot.

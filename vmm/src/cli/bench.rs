@@ -96,6 +96,7 @@ pub(super) fn workload_spec(id: u32, name: String, mem_bytes: u64, w: WorkloadPa
         min_bytes: 0,
         weight: crate::config::DEFAULT_WEIGHT,
         paging_file: None,
+        loan_policy: crate::config::LoanPolicy::Default,
         vcpus: 1,
         boot: BootConfig::Native { image: None, workload: w },
         disks: vec![],

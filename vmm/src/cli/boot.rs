@@ -55,6 +55,7 @@ pub fn boot(a: BootArgs) -> i32 {
         min_bytes: 0,
         weight: crate::config::DEFAULT_WEIGHT,
             paging_file: None,
+            loan_policy: crate::config::LoanPolicy::Default,
         vcpus: a.vcpus,
         boot: BootConfig::Linux { kernel: a.kernel, initrd: a.initrd, cmdline: a.cmdline },
         disks: a.disk.into_iter().map(|path| DiskConfig { path, read_only: false, create_mib: None }).collect(),

@@ -179,13 +179,14 @@ pub fn success(r: &Report) -> bool {
 pub fn print_summary(reports: &[Report]) {
     use std::sync::atomic::Ordering::Relaxed;
     println!(
-        "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9} {:>10} {:>10}  outcome",
-        "partition", "touched", "verified", "written", "failures", "disk-ok", "disk-bad", "exits", "rejected", "hpi", "page-outs"
+        "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10}  outcome",
+        "partition", "touched", "verified", "written", "failures", "disk-ok", "disk-bad", "exits", "rejected", "hpi", "page-outs",
+        "peak-loan"
     );
     for r in reports {
         let m = &r.metrics;
         println!(
-            "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9} {:>10} {:>10}  {}",
+            "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10}  {}",
             r.name,
             m.pages_touched.load(Relaxed),
             m.pages_verified.load(Relaxed),
@@ -197,6 +198,7 @@ pub fn print_summary(reports: &[Report]) {
             m.rejected(),
             m.hpi.load(Relaxed),
             m.page_outs.load(Relaxed),
+            m.balloon.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |b| b.peak_loaned.load(Relaxed)),
             r.outcome
         );
     }

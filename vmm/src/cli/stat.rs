@@ -81,17 +81,18 @@ pub fn format_text(s: &Snapshot) -> String {
     let w = s.partitions.iter().map(|p| p.name.len()).max().unwrap_or(0).max("partition".len());
     let _ = writeln!(
         o,
-        "{:<w$} {:>8} {:>9} {:>7} {:>9} {:>9} {:>10} {:>10} {:>12} {:>9}  state",
-        "partition", "logical", "pmem", "loan", "hpi", "hpit-ms", "page-outs", "pager-MiB", "verified", "failures"
+        "{:<w$} {:>8} {:>9} {:>7} {:>8} {:>9} {:>9} {:>10} {:>10} {:>12} {:>9}  state",
+        "partition", "logical", "pmem", "loan", "loan-tgt", "hpi", "hpit-ms", "page-outs", "pager-MiB", "verified", "failures"
     );
     for p in &s.partitions {
         let _ = writeln!(
             o,
-            "{:<w$} {:>8} {:>9.1} {:>7.1} {:>9} {:>9.2} {:>10} {:>10.1} {:>12} {:>9}  {}",
+            "{:<w$} {:>8} {:>9.1} {:>7.1} {:>8.1} {:>9} {:>9.2} {:>10} {:>10.1} {:>12} {:>9}  {}",
             p.name,
             p.logical_mib,
             p.pmem_mib(),
             p.loan_mib(),
+            p.loan_target_mib(),
             p.hpi,
             p.hpit_ms,
             p.page_outs,
@@ -138,7 +139,7 @@ mod tests {
         let header: Vec<_> = lines[2].split_whitespace().collect();
         assert_eq!(
             header,
-            ["partition", "logical", "pmem", "loan", "hpi", "hpit-ms", "page-outs", "pager-MiB", "verified", "failures", "state"]
+            ["partition", "logical", "pmem", "loan", "loan-tgt", "hpi", "hpit-ms", "page-outs", "pager-MiB", "verified", "failures", "state"]
         );
         let row: Vec<_> = lines[3].split_whitespace().collect();
         assert_eq!(row, ["alpha", "128", "80.0", "0.0", "123", "4.50", "456", "2.0", "73923", "0", "running"]);

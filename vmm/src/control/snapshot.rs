@@ -56,6 +56,7 @@ impl RegisteredPartition {
         let m = &self.metrics;
         let outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let paused = m.paused.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let balloon = m.balloon.lock().unwrap_or_else(|e| e.into_inner()).as_deref().map(BalloonSnapshot::from_state);
         let state = match (&outcome, &paused) {
             (Some(_), _) => PartitionState::Ended,
             (None, Some(_)) => PartitionState::Paused,
@@ -70,7 +71,8 @@ impl RegisteredPartition {
             paused_reason: paused,
             outcome,
             pmem_pages: m.pmem.load(Relaxed),
-            loan_pages: 0,
+            loan_pages: balloon.as_ref().map_or(0, |b| b.loaned),
+            loan_target_pages: balloon.as_ref().map_or(0, |b| b.target),
             hpi: m.hpi.load(Relaxed),
             hpit_ms: m.hpit_ns.load(Relaxed) as f64 / 1e6,
             zero_fills: m.zero_fills.load(Relaxed),
@@ -89,6 +91,7 @@ impl RegisteredPartition {
             exits: m.exits.load(Relaxed),
             resets: m.resets.load(Relaxed),
             rejected: m.rejected(),
+            balloon,
         }
     }
 }
@@ -216,8 +219,10 @@ pub struct PartitionSnapshot {
     pub outcome: Option<String>,
     /// Pages resident in the pool now (AMS `pmem`).
     pub pmem_pages: u64,
-    /// Pages loaned back through the balloon (AMS `loan`).
+    /// Pages loaned back through the balloon (AMS `loan`), and the balloon's target.
     pub loan_pages: u64,
+    #[serde(default)]
+    pub loan_target_pages: u64,
     /// Hypervisor page-ins, and milliseconds vCPUs were blocked on them (`vmstat -h`).
     pub hpi: u64,
     pub hpit_ms: f64,
@@ -243,6 +248,56 @@ pub struct PartitionSnapshot {
     pub resets: u64,
     /// Guest input rejected (unclaimed I/O, bad hypercalls, what devices rejected).
     pub rejected: u64,
+    /// The virtio-balloon, for partitions in a pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonSnapshot>,
+}
+
+/// A partition's virtio-balloon: the loan, its target, what the driver did and what
+/// its statistics say.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BalloonSnapshot {
+    /// The driver started the device.
+    pub active: bool,
+    /// Pages: target, in the balloon (device count), the highest loan, and `actual` as
+    /// the driver wrote it (guest-supplied).
+    pub target: u64,
+    pub loaned: u64,
+    pub peak_loaned: u64,
+    pub actual: u64,
+    /// Pages inflated, deflated and reported free, and pool frames freed by them.
+    pub inflated: u64,
+    pub deflated: u64,
+    pub reported: u64,
+    pub frames_freed: u64,
+    /// Page numbers and chains the device rejected.
+    pub rejected: u64,
+    /// The guest's statistics (virtio names: free, total, available, caches, ...; bytes
+    /// or counts as the guest reported them), and how many reports came.
+    pub guest_stats: std::collections::BTreeMap<String, u64>,
+    pub stats_updates: u64,
+}
+
+impl BalloonSnapshot {
+    pub fn from_state(b: &crate::devices::virtio::balloon::BalloonState) -> Self {
+        use crate::devices::virtio::balloon::tag;
+        use crate::metrics::DeviceCounters;
+        let st = b.guest_stats();
+        BalloonSnapshot {
+            active: b.active.load(Relaxed),
+            target: b.target.load(Relaxed),
+            loaned: b.loaned.load(Relaxed),
+            peak_loaned: b.peak_loaned.load(Relaxed),
+            actual: b.actual.load(Relaxed),
+            inflated: b.inflated.load(Relaxed),
+            deflated: b.deflated.load(Relaxed),
+            reported: b.reported.load(Relaxed),
+            frames_freed: b.frames_freed.load(Relaxed),
+            rejected: b.rejected(),
+            guest_stats: tag::NAMES.iter().zip(st.values).filter_map(|(n, v)| v.map(|v| (n.to_string(), v))).collect(),
+            stats_updates: st.updates,
+        }
+    }
 }
 
 impl PartitionSnapshot {
@@ -252,6 +307,10 @@ impl PartitionSnapshot {
 
     pub fn loan_mib(&self) -> f64 {
         pages_mib(self.loan_pages)
+    }
+
+    pub fn loan_target_mib(&self) -> f64 {
+        pages_mib(self.loan_target_pages)
     }
 
     pub fn pager_mib(&self) -> f64 {

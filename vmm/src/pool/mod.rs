@@ -25,6 +25,7 @@
 //! userfaultfd ioctls and the staging area, so VMM accesses to guest memory (virtio
 //! device emulation) fault and are served like vCPU accesses.
 
+mod loan;
 mod pages;
 mod partition;
 mod uffd;
@@ -134,6 +135,8 @@ pub struct Pool {
     capacity: u64,
     state: Mutex<PoolState>,
     frames: Condvar,
+    /// Wakes the loaning policy early (free frames fell below the low watermark).
+    loan_wake: Condvar,
     staging: Staging,
     pub metrics: Arc<PoolMetrics>,
     /// Key of the page hashes (per process, random).
@@ -163,15 +166,24 @@ impl Pool {
             h.write_u64(std::process::id() as u64);
             h.finish()
         };
-        Ok(Arc::new(Pool {
+        let pool = Arc::new(Pool {
             capacity,
             state: Mutex::new(PoolState { resident: 0, partitions: Vec::new() }),
             frames: Condvar::new(),
+            loan_wake: Condvar::new(),
             staging: Staging::new()?,
             metrics,
             hash_seed,
             raw,
-        }))
+        });
+        if !raw {
+            let weak = Arc::downgrade(&pool);
+            std::thread::Builder::new()
+                .name("pool-loans".into())
+                .spawn(move || loan::run(weak))
+                .map_err(|e| PoolError::Os("spawning the loaning policy", e))?;
+        }
+        Ok(pool)
     }
 
     pub fn capacity_pages(&self) -> u64 {
@@ -196,6 +208,9 @@ impl Pool {
                 let mut s = self.lock();
                 if s.resident < self.capacity {
                     s.resident += 1;
+                    if ((self.capacity - s.resident) as f64) < self.capacity as f64 * loan::LOW_WATERMARK {
+                        self.loan_wake.notify_one();
+                    }
                     self.metrics.resident.store(s.resident, Relaxed);
                     self.metrics.peak_resident.fetch_max(s.resident, Relaxed);
                     return true;

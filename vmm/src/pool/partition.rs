@@ -10,7 +10,10 @@ use std::time::Instant;
 use userfaultfd::{Event, EventBuffer, ReadWrite, RegisterMode, Uffd};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::loan::LoanTrack;
 use super::pages::{PageTable, State};
+use crate::config::LoanPolicy;
+use crate::devices::virtio::balloon::BalloonHandle;
 use super::{uffd, Pool, RECLAIM_BATCH};
 use crate::metrics::PartitionMetrics;
 use crate::pager::{Pager, PAGE_SIZE};
@@ -52,6 +55,12 @@ fn cluster(t: &PageTable, i: usize, s: State, slot: Option<crate::pager::Slot>) 
     n
 }
 
+impl crate::devices::virtio::balloon::Discard for PartitionPool {
+    fn discard(&self, gpa: u64, len: u64) -> u64 {
+        self.discard_pages((gpa / 4096) as usize, (len / 4096) as usize)
+    }
+}
+
 /// Keeps a partition attached to the pool; dropping it detaches the partition (see
 /// [`PartitionPool::detach`]). Drop it after the VM and before guest memory.
 pub struct Attached(pub Arc<PartitionPool>);
@@ -72,7 +81,7 @@ pub struct PartitionPool {
     pub name: String,
     /// Host address of guest-physical 0 and the number of guest pages.
     base: u64,
-    npages: usize,
+    pub(super) npages: usize,
     uffd: Uffd,
     table: Mutex<PageTable>,
     /// Signalled whenever a page leaves `Transit`.
@@ -92,6 +101,10 @@ pub struct PartitionPool {
     /// per guest page, set = written since the last call: KVM's dirty log).
     references: Mutex<Option<ReferenceSource>>,
     last_harvest: Mutex<Instant>,
+    /// The partition's virtio-balloon, once its devices exist.
+    balloon: Mutex<Option<BalloonHandle>>,
+    pub(super) loan_policy: LoanPolicy,
+    loan_track: Mutex<LoanTrack>,
 }
 
 /// Returns a bitmap of the pages written since the previous call.
@@ -129,6 +142,7 @@ impl PartitionPool {
         len: u64,
         min_bytes: u64,
         weight: u8,
+        loan_policy: LoanPolicy,
         pager: Arc<dyn Pager>,
         metrics: Arc<PartitionMetrics>,
         on_pause: PauseSink,
@@ -163,6 +177,9 @@ impl PartitionPool {
             handler: Mutex::new(None),
             references: Mutex::new(None),
             last_harvest: Mutex::new(Instant::now()),
+            balloon: Mutex::new(None),
+            loan_policy,
+            loan_track: Mutex::new(LoanTrack::default()),
         });
         pool.register(&pp);
         let me = pp.clone();
@@ -177,6 +194,23 @@ impl PartitionPool {
             .map_err(|e| PoolError::Os("spawning the fault handler", e))?;
         *pp.handler.lock().unwrap() = Some(h);
         Ok(pp)
+    }
+
+    /// The partition's balloon, for the loaning policy (set again after a reset).
+    pub fn set_balloon(&self, b: BalloonHandle) {
+        *self.balloon.lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
+    }
+
+    pub(super) fn balloon(&self) -> Option<BalloonHandle> {
+        self.balloon.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(super) fn loan_track(&self) -> std::sync::MutexGuard<'_, LoanTrack> {
+        self.loan_track.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn metrics(&self) -> &PartitionMetrics {
+        &self.metrics
     }
 
     /// Give the clock a source of reference bits (see [`ReferenceSource`]).
@@ -432,23 +466,12 @@ impl PartitionPool {
         self.pool.release(freed_frames);
     }
 
-    /// Page out up to `want` pages; returns the frames freed.
-    pub(super) fn page_out(&self, want: usize) -> u64 {
-        let Ok(alive) = self.alive.try_read() else { return 0 };
-        if !*alive || self.paused.load(Relaxed) {
-            return 0;
-        }
-        self.harvest_references();
-        let victims = {
-            let mut t = self.table();
-            let floor = self.min_pages;
-            t.pick_victims(want.min(RECLAIM_BATCH), floor)
-        };
-        if victims.is_empty() {
-            return 0;
-        }
+    /// Detach `victims` (claimed, in `Transit`; ascending) from guest memory into the
+    /// staging batch `batch` (victim k to staging page `batch + k`), runs of consecutive
+    /// pages with one move. Returns the pages moved, as (page, staging index), and those
+    /// that could not be, with the state they keep.
+    fn detach_to_staging(&self, victims: &[usize], batch: usize) -> (Vec<(usize, usize)>, Vec<(usize, State)>) {
         let staging = &self.pool.staging;
-        let batch = staging.take();
         // Detach the victims from guest memory, runs of consecutive pages with one move.
         let mut moved = Vec::with_capacity(victims.len()); // (page, staging index)
         let mut back = Vec::new(); // (page, state) to settle without I/O
@@ -488,6 +511,101 @@ impl PartitionPool {
             }
             k = end;
         }
+        (moved, back)
+    }
+
+    /// The guest gave pages `[first, first + n)` away (balloon inflate, free page
+    /// reporting): drop their contents and return their frames and slots. Resident pages
+    /// are detached through the staging area like a page-out (no remove event, so this
+    /// never waits on the fault handler); paged-out pages just lose their slot; pages in
+    /// transit are left alone. Returns the frames freed.
+    pub fn discard_pages(&self, first: usize, n: usize) -> u64 {
+        let Ok(alive) = self.alive.try_read() else { return 0 };
+        if !*alive {
+            return 0;
+        }
+        let end = first.saturating_add(n).min(self.npages);
+        let mut freed = 0u64;
+        let mut slots = Vec::new();
+        let mut i = first;
+        while i < end {
+            // Claim up to a staging batch of resident pages; forget paged-out ones.
+            let mut claimed = Vec::with_capacity(RECLAIM_BATCH);
+            {
+                let mut t = self.table();
+                while i < end && claimed.len() < RECLAIM_BATCH {
+                    let p = &mut t.pages[i];
+                    match p.state {
+                        State::Resident => {
+                            p.state = State::Transit;
+                            claimed.push(i);
+                        }
+                        State::Out => {
+                            p.state = State::Zero;
+                            slots.extend(p.slot.take());
+                        }
+                        State::Zero | State::Transit => {}
+                    }
+                    i += 1;
+                }
+                t.leaving += claimed.len() as u64;
+            }
+            if claimed.is_empty() {
+                continue;
+            }
+            let staging = &self.pool.staging;
+            let batch = staging.take();
+            let (moved, back) = self.detach_to_staging(&claimed, batch);
+            // SAFETY: the batch's staging pages belong to this thread (see page_out).
+            unsafe { libc::madvise(staging.page_addr(batch) as *mut _, RECLAIM_BATCH * PAGE_SIZE, libc::MADV_DONTNEED) };
+            staging.give_back(batch);
+            {
+                let mut t = self.table();
+                for &(j, _) in &moved {
+                    let p = &mut t.pages[j];
+                    p.state = State::Zero;
+                    slots.extend(p.slot.take());
+                }
+                let mut gone = moved.len() as u64;
+                for &(j, st) in &back {
+                    let p = &mut t.pages[j];
+                    p.state = st;
+                    if st == State::Zero {
+                        slots.extend(p.slot.take());
+                        gone += 1;
+                    }
+                }
+                t.resident -= gone;
+                t.leaving -= claimed.len() as u64;
+                self.metrics.pmem.store(t.resident, Relaxed);
+                freed += gone;
+            }
+            self.settled.notify_all();
+        }
+        self.pager.free(&slots);
+        self.metrics.pager_bytes.store(self.pager.bytes_in_use(), Relaxed);
+        self.pool.release(freed);
+        freed
+    }
+
+    /// Page out up to `want` pages; returns the frames freed.
+    pub(super) fn page_out(&self, want: usize) -> u64 {
+        let Ok(alive) = self.alive.try_read() else { return 0 };
+        if !*alive || self.paused.load(Relaxed) {
+            return 0;
+        }
+        self.harvest_references();
+        let victims = {
+            let mut t = self.table();
+            let floor = self.min_pages;
+            t.pick_victims(want.min(RECLAIM_BATCH), floor)
+        };
+        if victims.is_empty() {
+            return 0;
+        }
+        let staging = &self.pool.staging;
+        let batch = staging.take();
+        let (moved, mut back) = self.detach_to_staging(&victims, batch);
         // Classify: zero, unchanged since its last page-out, or to be written.
         let mut zero = Vec::new();
         let mut clean = Vec::new();

@@ -11,6 +11,7 @@
 //! Everything a guest writes into a queue is untrusted: devices validate every descriptor
 //! chain, answer malformed ones without panicking and count them in their metrics.
 
+pub mod balloon;
 pub mod blk;
 pub mod mmio;
 
