@@ -1,7 +1,8 @@
 //! Helpers shared by the end-to-end tests.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn amsvm() -> Command {
     assert!(
@@ -116,4 +117,77 @@ pub mod asm {
     pub const SPIN: [u8; 2] = [0xeb, 0xfe];
     /// `ud2`
     pub const UD2: [u8; 2] = [0x0f, 0x0b];
+}
+
+/// Resident bytes of every anonymous mapping of exactly `size` bytes in `pid` (the
+/// guest RAM regions), from /proc/PID/smaps; with the number of such mappings.
+pub fn guest_rss(pid: u32, size: u64) -> Option<(u64, usize)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut total = 0;
+    let mut count = 0;
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                in_guest = b - a == size;
+                count += in_guest as usize;
+                continue;
+            }
+        }
+        if in_guest && first == "Rss:" {
+            total += line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
+        }
+    }
+    Some((total, count))
+}
+
+/// Wait until every thread of `pid` is stopped (SIGSTOP is delivered asynchronously).
+pub fn all_stopped(pid: u32) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+        let stopped = tasks.filter_map(|t| t.ok()).all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .map(|st| st.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t')))
+                .unwrap_or(true)
+        });
+        if stopped {
+            return true;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    false
+}
+
+/// Run `amsvm run path` and sample, from the host side, the resident memory of its
+/// `regions` guest RAM regions of `region_size` bytes every 20 ms. The process is stopped
+/// for each sample, so that the regions are read at one instant (a frame moving from one
+/// partition to another is never counted twice). Returns the exit status, stdout, stderr
+/// and the samples (bytes).
+pub fn run_sampled(path: &Path, region_size: u64, regions: usize) -> (std::process::ExitStatus, String, String, Vec<u64>) {
+    use std::io::Read;
+    let mut child = amsvm().arg("run").arg(path).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    let mut samples = Vec::new();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        let s = all_stopped(pid).then(|| guest_rss(pid, region_size)).flatten();
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        if let Some((rss, n)) = s {
+            if n == regions {
+                samples.push(rss);
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(300), "amsvm did not finish in 5 minutes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = child.wait().unwrap();
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (status, stdout, stderr, samples)
 }

@@ -2,6 +2,7 @@
 //! without it these tests fail (they never skip silently).
 
 mod bad_input;
+mod balloon;
 mod chaos;
 mod common;
 mod disk;

@@ -29,6 +29,10 @@ mod math;
 mod page;
 #[cfg(test)]
 #[allow(dead_code)]
+#[path = "../../guest-images/workload/src/loan.rs"]
+mod loan;
+#[cfg(test)]
+#[allow(dead_code)]
 #[path = "../../guest-images/workload/src/sampler.rs"]
 mod sampler;
 

@@ -48,6 +48,8 @@ pub struct PartitionMetrics {
     pub page_out_zero: AtomicU64,
     /// unchanged since their last page-out (nothing written again).
     pub page_out_clean: AtomicU64,
+    /// Pool: nanoseconds spent paging out (choosing victims, detaching, writing).
+    pub page_out_ns: AtomicU64,
     /// Pool: pages read back together with a faulting neighbour (clustering).
     pub cluster_reads: AtomicU64,
     /// Pool: bytes this partition's paging device holds.

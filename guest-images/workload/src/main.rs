@@ -1,23 +1,29 @@
 //! amsvm's workload guest: a unikernel that runs entirely at CPL3 (see DESIGN.md and
 //! `amsvm_abi`). It stamps and re-reads pages of a working set in a chosen access
 //! pattern, verifying every word of every page it reads, and can first test a
-//! virtio-blk device. Settings come from `BootInfo::workload`; progress goes to amsvm
-//! through the hypercall mailbox. Described in `docs/workload.md`.
+//! virtio-blk device. Idle pages after the working set are stamped once and verified
+//! at the end; a virtio-balloon driver may loan them (and free memory after them) to
+//! the host. Settings come from `BootInfo::workload`; progress goes to amsvm through
+//! the hypercall mailbox. Described in `docs/workload.md`.
 #![no_std]
 #![no_main]
 
 #[macro_use]
 mod console;
+mod balloon;
 mod chaos;
 mod disk;
 mod hc;
+mod loan;
 mod math;
 mod page;
 mod rt;
 mod sampler;
 mod virtio;
 
-use amsvm_abi::{exit, layout, pattern, BootInfo, Progress, WorkloadParams, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
+use amsvm_abi::{balloon as balloon_mode, exit, layout, pattern, BootInfo, Progress, WorkloadParams, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
+use balloon::Balloon;
+use loan::Check;
 use core::sync::atomic::{AtomicBool, Ordering};
 use page::{Expected, PAGE_SIZE};
 use sampler::{Hotspot, PageSampler, Permutation, Rng, Zipf};
@@ -41,13 +47,22 @@ struct Plan {
     w: WorkloadParams,
     /// Working-set pages.
     n: u64,
-    /// One version per working-set page (0 = never written), at `free_start`.
+    /// Idle pages, right after the working set (stamped pages `n..n + idle`).
+    idle: u64,
+    /// One version per stamped page (working set, then idle pages), at `free_start`:
+    /// 0 = never written, else the version, or one of the markers of `loan`.
     versions: *mut u32,
     /// Page 0 of the working set.
     ws_base: u64,
     /// The virtio-blk window and the pages reserved for its driver (disk test or chaos
     /// mode).
     disk: Option<(u64, u64)>,
+    /// The virtio-balloon window and the pages reserved for its driver (a balloon device
+    /// and a mode other than IGNORE).
+    balloon: Option<(u64, u64)>,
+    /// `BootInfo::free_end` and `mem_bytes`.
+    free_end: u64,
+    mem_bytes: u64,
     /// Chaos mode's targets (`WorkloadParams::chaos`).
     chaos: Option<chaos::Targets>,
     report_every: u64,
@@ -89,15 +104,76 @@ extern "C" fn main(boot_info: *const BootInfo) -> ! {
         println!("disk: {} blocks verified, {} failed", p.disk_blocks_verified, p.disk_failures);
     }
 
+    stamp_idle(&plan, &mut p);
+    // Built in place and never moved (see `Balloon`).
+    let mut balloon = Balloon::off();
+    if let Some((mmio, area)) = plan.balloon {
+        let idle_base = plan.ws_base + plan.n * PAGE;
+        let setup = balloon::Setup {
+            mmio_base: mmio,
+            area,
+            mode: plan.w.balloon,
+            idle_base,
+            idle_pages: plan.idle,
+            // Page frame numbers are le32: loan nothing above 16 TiB (the ABI's RAM ends
+            // at 3 GiB anyway).
+            loanable_pages: plan.free_end.min(1 << 44).saturating_sub(idle_base) / PAGE,
+            // SAFETY: the idle pages' entries follow the working set's n entries.
+            idle_versions: unsafe { plan.versions.add(plan.n as usize) },
+            mem_bytes: plan.mem_bytes,
+        };
+        // SAFETY: `configure` checked the window and reserved `area`; from here on only
+        // the driver writes the idle pages' versions, and nothing touches the pages from
+        // `idle_base` on except the final pass (which skips loaned pages).
+        unsafe { balloon.start(setup) };
+        balloon.report_idle();
+        balloon.poll();
+    }
+
     let t0 = hc::clock_ns();
-    let accesses = run(&plan, &mut p, t0);
-    check_all(&plan, &mut p);
+    let accesses = run(&plan, &mut p, t0, &mut balloon);
+    balloon.poll();
+    let reported = check_all(&plan, &mut p);
     let ms = hc::clock_ns().saturating_sub(t0) / 1_000_000;
-    finish(&p, accesses, ms, false)
+    if balloon.started() {
+        let b = &balloon;
+        let c = &b.counters;
+        println!(
+            "balloon: inflated {}, deflated {}, loaned now {}, reported {} ({} read back zero, {} intact), stats served {}{}",
+            c.inflated,
+            c.deflated,
+            b.loaned(),
+            c.reported,
+            reported.zero,
+            reported.intact,
+            c.stats_served,
+            if b.failed() { "; device error" } else { "" }
+        );
+    }
+    finish(&p, accesses, ms, balloon.failed())
+}
+
+/// Stamps every idle page once (version 1), as a normal page write.
+fn stamp_idle(plan: &Plan, p: &mut Progress) {
+    for i in plan.n..plan.n + plan.idle {
+        // SAFETY: stamped page i < n + idle lies inside [free_start, free_end) and has a
+        // version-table entry (checked in `configure`).
+        unsafe {
+            page::fill((plan.ws_base + i * PAGE) as *mut u64, &Expected::page(plan.partition_id, i, loan::IDLE_VERSION as u64));
+            plan.versions.add(i as usize).write(loan::IDLE_VERSION);
+        }
+        p.pages_touched += 1;
+        p.pages_written += 1;
+        if (i + 1) % plan.report_every == 0 {
+            hc::progress(p);
+        }
+    }
+    hc::progress(p);
 }
 
 /// Prints the summary and exits with the verdict: DEVICE_ERROR if the disk test stopped
-/// on a device error, else VERIFY_FAILED if any page or block read back wrong, else OK.
+/// on a device error (or the balloon driver stopped on one), else VERIFY_FAILED if any
+/// page or block read back wrong, else OK.
 fn finish(p: &Progress, accesses: u64, ms: u64, device_error: bool) -> ! {
     let status = if device_error {
         exit::DEVICE_ERROR
@@ -126,8 +202,9 @@ fn finish(p: &Progress, accesses: u64, ms: u64, device_error: bool) -> ! {
     hc::exit(status, p)
 }
 
-/// The access loop: returns the number of accesses made.
-fn run(plan: &Plan, p: &mut Progress, t0: u64) -> u64 {
+/// The access loop: returns the number of accesses made. The balloon driver is polled
+/// every `report_every` accesses.
+fn run(plan: &Plan, p: &mut Progress, t0: u64, balloon: &mut Balloon) -> u64 {
     let w = &plan.w;
     let n = plan.n;
     let mut rng = Rng::new(w.seed);
@@ -165,6 +242,7 @@ fn run(plan: &Plan, p: &mut Progress, t0: u64) -> u64 {
         if accesses == next_report {
             next_report = next_report.saturating_add(plan.report_every);
             hc::progress(p);
+            balloon.poll();
             let now = hc::clock_ns();
             let elapsed = now.saturating_sub(t0);
             if plan.duration_ns != 0 && elapsed >= plan.duration_ns {
@@ -198,8 +276,9 @@ fn access(plan: &Plan, i: u64, write: bool, p: &mut Progress, printed: &mut u64)
     let addr = plan.ws_base + i * PAGE;
     p.pages_touched += 1;
     if write {
-        // Version 0 means "never written"; skip it should the counter ever wrap.
-        let next = if version == u32::MAX { 1 } else { version + 1 };
+        // Version 0 means "never written" and the highest values are markers; skip them
+        // should the counter ever wrap.
+        let next = loan::next_version(version);
         // SAFETY: page i of the working set, inside [free_start, free_end).
         unsafe { page::fill(addr as *mut u64, &Expected::page(plan.partition_id, i, next as u64)) };
         // SAFETY: as above.
@@ -210,12 +289,16 @@ fn access(plan: &Plan, i: u64, write: bool, p: &mut Progress, printed: &mut u64)
     }
 }
 
-fn verify(plan: &Plan, i: u64, version: u32, p: &mut Progress, printed: &mut u64) {
+/// Verifies stamped page `i` (working set or idle) against `version`; true if it matched.
+fn verify(plan: &Plan, i: u64, version: u32, p: &mut Progress, printed: &mut u64) -> bool {
     let addr = plan.ws_base + i * PAGE;
     let exp = Expected::page(plan.partition_id, i, version as u64);
-    // SAFETY: page i of the working set, inside [free_start, free_end).
+    // SAFETY: stamped page i, inside [free_start, free_end).
     match unsafe { page::verify(addr as *const u64, &exp) } {
-        Ok(()) => p.pages_verified += 1,
+        Ok(()) => {
+            p.pages_verified += 1;
+            true
+        }
         Err(m) => {
             p.verify_failures += 1;
             if *printed < MAX_PRINTED_FAILURES {
@@ -232,23 +315,54 @@ fn verify(plan: &Plan, i: u64, version: u32, p: &mut Progress, printed: &mut u64
                     println!("no stamp");
                 }
             }
+            false
         }
     }
 }
 
-/// The final pass: every page of the working set is verified once more.
-fn check_all(plan: &Plan, p: &mut Progress) {
+/// Reported pages found by the final pass, by what they held.
+#[derive(Clone, Copy, Default)]
+struct Reported {
+    zero: u64,
+    intact: u64,
+}
+
+/// The final pass: every page of the working set is verified once more, and every idle
+/// page that is not loaned: exactly (its stamp, or zero once deflated), or, if it was
+/// reported free, all zero or its intact stamp.
+fn check_all(plan: &Plan, p: &mut Progress) -> Reported {
     let mut printed = 0;
-    for i in 0..plan.n {
-        // SAFETY: i < n entries of the table.
+    let mut reported = Reported::default();
+    for i in 0..plan.n + plan.idle {
+        // SAFETY: i < n + idle entries of the table.
         let version = unsafe { plan.versions.add(i as usize).read() };
-        p.pages_touched += 1;
-        verify(plan, i, version, p, &mut printed);
+        match loan::check(version) {
+            Check::Skip => continue,
+            Check::Exact(v) => {
+                p.pages_touched += 1;
+                verify(plan, i, v, p, &mut printed);
+            }
+            Check::ZeroOr(v) => {
+                p.pages_touched += 1;
+                // A stamped page starts with the (non-zero) magic: a zero first word
+                // means the page must be all zero.
+                // SAFETY: stamped page i, inside [free_start, free_end).
+                let zero = unsafe { ((plan.ws_base + i * PAGE) as *const u64).read_volatile() } == 0;
+                if verify(plan, i, if zero { 0 } else { v }, p, &mut printed) {
+                    if zero {
+                        reported.zero += 1;
+                    } else {
+                        reported.intact += 1;
+                    }
+                }
+            }
+        }
         if (i + 1) % plan.report_every == 0 {
             hc::progress(p);
         }
     }
     hc::progress(p);
+    reported
 }
 
 fn print_settings(plan: &Plan) {
@@ -266,7 +380,7 @@ fn print_settings(plan: &Plan) {
         pattern::ZIPF => print!("zipf s={}.{:03}", w.zipf_theta_milli / 1000, w.zipf_theta_milli % 1000),
         _ => print!("hotspot {}% gets {}%, moves every {}", w.hot_pct, w.hot_access_pct, w.phase_accesses),
     }
-    println!(
+    print!(
         ", {}% writes, passes {}, {} ms, seed {}, disk blocks {}{}",
         w.write_pct,
         w.passes,
@@ -275,6 +389,13 @@ fn print_settings(plan: &Plan) {
         w.disk_test_blocks,
         if w.chaos != 0 { ", chaos" } else { "" }
     );
+    if plan.idle > 0 {
+        print!(", {} idle pages", plan.idle);
+    }
+    if plan.balloon.is_some() {
+        print!(", balloon {}", if w.balloon == balloon_mode::COOPERATE { "cooperate" } else { "report" });
+    }
+    println!();
 }
 
 /// Reports unusable settings and exits with BAD_CONFIG.
@@ -291,8 +412,9 @@ macro_rules! ensure {
     };
 }
 
-/// Validates the boot-info page and lays out the free RAM:
-/// `[free_start: version table][disk test pages][working set]` up to `free_end`.
+/// Validates the boot-info page and lays out the free RAM: `[free_start: version
+/// table][disk driver pages][balloon driver pages][working set][idle pages][never
+/// touched]` up to `free_end`.
 fn configure(bi_ptr: *const BootInfo) -> Plan {
     let bi_addr = bi_ptr as u64;
     let bi_size = core::mem::size_of::<BootInfo>() as u64;
@@ -357,8 +479,16 @@ fn configure(bi_ptr: *const BootInfo) -> Plan {
     }
 
     ensure!(w.chaos <= 1, "chaos {} is not 0 (off) or 1 (on)", w.chaos);
+    ensure!(
+        w.balloon <= balloon_mode::COOPERATE_AND_REPORT,
+        "balloon {} is not 0 (ignore), 1 (cooperate) or 2 (cooperate and report)",
+        w.balloon
+    );
 
     let devices = &bi.devices[..bi.device_count as usize];
+    let window_ok = |d: &amsvm_abi::DeviceInfo| {
+        d.mmio_base.is_multiple_of(PAGE) && d.mmio_base >= mem && d.mmio_size >= virtio::MIN_WINDOW && d.mmio_base.checked_add(d.mmio_size).is_some()
+    };
     let blk = devices.iter().find(|d| d.device_id == disk::DEVICE_ID);
     if blk.is_none() && w.disk_test_blocks > 0 {
         bad_config(format_args!("disk_test_blocks is {} but there is no virtio-blk device", w.disk_test_blocks));
@@ -367,7 +497,7 @@ fn configure(bi_ptr: *const BootInfo) -> Plan {
     let disk = match blk {
         Some(d) if w.disk_test_blocks > 0 || w.chaos != 0 => {
             ensure!(
-                d.mmio_base % PAGE == 0 && d.mmio_base >= mem && d.mmio_size >= virtio::MIN_WINDOW && d.mmio_base.checked_add(d.mmio_size).is_some(),
+                window_ok(d),
                 "virtio-blk window {:#x}+{:#x} is not a page-aligned window above RAM",
                 d.mmio_base,
                 d.mmio_size
@@ -376,36 +506,80 @@ fn configure(bi_ptr: *const BootInfo) -> Plan {
         }
         _ => None,
     };
+    // With IGNORE the balloon device is never touched.
+    let balloon = match devices.iter().find(|d| d.device_id == balloon::DEVICE_ID) {
+        Some(d) if w.balloon != balloon_mode::IGNORE => {
+            ensure!(
+                window_ok(d),
+                "virtio-balloon window {:#x}+{:#x} is not a page-aligned window above RAM",
+                d.mmio_base,
+                d.mmio_size
+            );
+            Some(d.mmio_base)
+        }
+        _ => None,
+    };
 
-    // Bookkeeping first, then the working set.
+    // Bookkeeping first (version table, driver pages), then the working set, then the
+    // idle pages.
     let avail = (free_end - free_start) / PAGE;
     let disk_pages = if disk.is_some() { disk::AREA_PAGES } else { 0 };
-    let table_pages = |n: u64| (n * 4).div_ceil(PAGE);
-    let fits = |n: u64| n <= avail && table_pages(n) + disk_pages + n <= avail;
-    if !fits(n) {
-        let mut max = (avail.saturating_sub(disk_pages)) * 1024 / 1025;
-        while fits(max + 1) {
+    let balloon_pages = if balloon.is_some() { balloon::AREA_PAGES } else { 0 };
+    let reserved = disk_pages + balloon_pages;
+    let table_pages = |stamped: u64| (stamped * 4).div_ceil(PAGE);
+    // Whether `stamped` pages and their table fit next to the reserved pages.
+    let fits = |stamped: Option<u64>| {
+        stamped.is_some_and(|s| s <= avail && table_pages(s) + reserved + s <= avail)
+    };
+    // The most stamped pages that fit.
+    let max_stamped = || {
+        let mut max = avail.saturating_sub(reserved) * 1024 / 1025;
+        while max > 0 && !fits(Some(max)) {
+            max -= 1;
+        }
+        while fits(Some(max + 1)) {
             max += 1;
         }
+        max
+    };
+    if !fits(Some(n)) {
         bad_config(format_args!(
             "working set of {} pages does not fit in {} free pages (at most {} pages fit)",
-            n, avail, max
+            n,
+            avail,
+            max_stamped()
         ));
     }
+    let idle = w.idle_pages;
+    if !fits(n.checked_add(idle)) {
+        bad_config(format_args!(
+            "idle_pages {} do not fit after a working set of {} pages in {} free pages (at most {} idle pages fit)",
+            idle,
+            n,
+            avail,
+            max_stamped().saturating_sub(n)
+        ));
+    }
+    let stamped = n + idle;
     let versions = free_start;
-    let disk_area = versions + table_pages(n) * PAGE;
-    let ws_base = disk_area + disk_pages * PAGE;
+    let disk_area = versions + table_pages(stamped) * PAGE;
+    let balloon_area = disk_area + disk_pages * PAGE;
+    let ws_base = balloon_area + balloon_pages * PAGE;
     // SAFETY: the table lies in the free RAM this image owns.
-    unsafe { rt::fill_bytes(versions as *mut u8, 0, (table_pages(n) * PAGE) as usize) };
+    unsafe { rt::fill_bytes(versions as *mut u8, 0, (table_pages(stamped) * PAGE) as usize) };
 
     let report_every = if w.report_every == 0 { amsvm_abi::DEFAULT_REPORT_EVERY } else { w.report_every };
     Plan {
         partition_id: bi.partition_id,
         w,
         n,
+        idle,
         versions: versions as *mut u32,
         ws_base,
         disk: disk.map(|mmio| (mmio, disk_area)),
+        balloon: balloon.map(|mmio| (mmio, balloon_area)),
+        free_end,
+        mem_bytes: mem,
         chaos: (w.chaos != 0).then(|| {
             let claimed = |a: u64| devices.iter().any(|d| a >= d.mmio_base && a - d.mmio_base < d.mmio_size);
             chaos::Targets {

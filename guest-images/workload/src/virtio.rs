@@ -1,6 +1,7 @@
 //! A minimal, polling virtio 1.x driver core: the virtio-mmio transport (version 2
-//! register layout) and one split virtqueue, driven from CPL3 without interrupts.
-//! One request is in flight at a time, so the chain always starts at descriptor 0.
+//! register layout) and split virtqueues (one page each), driven from CPL3 without
+//! interrupts. Each queue has one request in flight at a time, so its chain always
+//! starts at descriptor 0; a device may have several such queues.
 
 use core::sync::atomic::{fence, Ordering};
 
@@ -50,8 +51,11 @@ pub const F_VERSION_1: u64 = 1 << 32;
 /// of config space); a smaller window is refused.
 pub const MIN_WINDOW: u64 = reg::CONFIG + 0x40;
 
-/// Descriptors used by this driver's queue (the most a request needs is 3).
+/// Descriptors per queue (the largest power of two up to this that the device allows).
+/// A virtio-blk request needs at most 3; a balloon free-page report chain uses them all.
+/// The one-page layout below has room for up to 64.
 pub const QUEUE_SIZE: u16 = 8;
+const _: () = assert!(QUEUE_SIZE <= 64);
 /// Memory the queue needs: one page holding the descriptor table at 0, the driver
 /// (available) ring at 0x400 and the device (used) ring at 0x800.
 pub const QUEUE_BYTES: u64 = 4096;
@@ -82,8 +86,9 @@ pub enum Error {
     FeaturesRejected,
     /// The device did not come out of reset.
     ResetTimeout,
-    /// Queue 0 is missing, already live, or too small.
-    BadQueue(u32),
+    /// The queue (index, then QueueReady or QueueNumMax) is missing, already live, or
+    /// too small.
+    BadQueue(u16, u32),
     /// The device set DEVICE_NEEDS_RESET.
     NeedsReset,
     /// A request did not complete in time.
@@ -101,7 +106,7 @@ impl core::fmt::Display for Error {
             Error::NoVersion1 => f.write_str("device does not offer VIRTIO_F_VERSION_1"),
             Error::FeaturesRejected => f.write_str("device refused the negotiated features (FEATURES_OK cleared)"),
             Error::ResetTimeout => f.write_str("device did not finish its reset"),
-            Error::BadQueue(v) => write!(f, "queue 0 unusable (ready or size {v})"),
+            Error::BadQueue(i, v) => write!(f, "queue {i} unusable (ready or size {v})"),
             Error::NeedsReset => f.write_str("device set DEVICE_NEEDS_RESET"),
             Error::Timeout => f.write_str("request timed out"),
             Error::BadUsedId(v) => write!(f, "device returned descriptor {v}, not the request's"),
@@ -262,9 +267,11 @@ pub struct Buf {
     pub device_writes: bool,
 }
 
-/// Split virtqueue 0 of a device, in one page of guest memory.
+/// One split virtqueue of a device, in one page of guest memory.
 pub struct Queue {
     mem: u64,
+    /// The queue's index (what QueueSel and QueueNotify name).
+    index: u16,
     size: u16,
     next_avail: u16,
     last_used: u16,
@@ -275,16 +282,26 @@ impl Queue {
     /// between FEATURES_OK and DRIVER_OK.
     ///
     /// # Safety
+    /// As for [`Queue::setup_index`].
+    pub unsafe fn setup(mmio: &Mmio, mem: u64) -> Result<Self, Error> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { Self::setup_index(mmio, 0, mem) }
+    }
+
+    /// Sets up queue `index` in the page at `mem` (zeroed here) and makes it ready. Call
+    /// between FEATURES_OK and DRIVER_OK.
+    ///
+    /// # Safety
     /// `mem` must be a page-aligned, identity-mapped page of guest RAM that nothing else
     /// uses while the device is live.
-    pub unsafe fn setup(mmio: &Mmio, mem: u64) -> Result<Self, Error> {
-        mmio.write(reg::QUEUE_SEL, 0);
+    pub unsafe fn setup_index(mmio: &Mmio, index: u16, mem: u64) -> Result<Self, Error> {
+        mmio.write(reg::QUEUE_SEL, index as u32);
         if mmio.read(reg::QUEUE_READY) != 0 {
-            return Err(Error::BadQueue(mmio.read(reg::QUEUE_READY)));
+            return Err(Error::BadQueue(index, mmio.read(reg::QUEUE_READY)));
         }
         let max = mmio.read(reg::QUEUE_NUM_MAX);
         if max < 3 {
-            return Err(Error::BadQueue(max));
+            return Err(Error::BadQueue(index, max));
         }
         // A power of two no larger than the device's maximum.
         let mut size = QUEUE_SIZE;
@@ -293,7 +310,7 @@ impl Queue {
         }
         // SAFETY: the caller hands over this page.
         unsafe { crate::rt::fill_bytes(mem as *mut u8, 0, QUEUE_BYTES as usize) };
-        let q = Queue { mem, size, next_avail: 0, last_used: 0 };
+        let q = Queue { mem, index, size, next_avail: 0, last_used: 0 };
         // SAFETY: the driver ring's flags field, inside the page.
         unsafe { ((mem + AVAIL_OFFSET) as *mut u16).write_volatile(AVAIL_F_NO_INTERRUPT) };
         let (desc, avail, used) = (mem, mem + AVAIL_OFFSET, mem + USED_OFFSET);
@@ -317,6 +334,18 @@ impl Queue {
     /// device and polls the device ring until it comes back, for at most `timeout_ns`
     /// (measured with `clock_ns`). Returns the number of bytes the device reports written.
     pub fn request(&mut self, mmio: &Mmio, bufs: &[Buf], clock_ns: impl Fn() -> u64, timeout_ns: u64) -> Result<u32, Error> {
+        self.submit(mmio, bufs);
+        let (id, len) = self.wait_used(mmio, clock_ns, timeout_ns)?;
+        if id != 0 {
+            return Err(Error::BadUsedId(id));
+        }
+        Ok(len)
+    }
+
+    /// Places the chain `bufs` (1 up to the queue size buffers) in descriptors 0.. and
+    /// on the driver ring, and notifies the device; does not wait. The previous chain
+    /// must have come back (descriptors 0.. are reused).
+    pub fn submit(&mut self, mmio: &Mmio, bufs: &[Buf]) {
         let n = bufs.len();
         debug_assert!(n > 0 && n <= self.size as usize);
         for (i, b) in bufs.iter().enumerate() {
@@ -329,11 +358,6 @@ impl Queue {
             self.write_desc(i as u16, Desc { addr: b.addr, len: b.len, flags, next });
         }
         self.publish(mmio, 0, 1);
-        let (id, len) = self.wait_used(mmio, clock_ns, timeout_ns)?;
-        if id != 0 {
-            return Err(Error::BadUsedId(id));
-        }
-        Ok(len)
     }
 
     /// Writes descriptor `i` (taken modulo the queue size) verbatim.
@@ -345,7 +369,7 @@ impl Queue {
     }
 
     /// Puts `head` in the next driver-ring slot, moves the ring index on by `advance`
-    /// (1 for a well-formed driver) and notifies queue 0.
+    /// (1 for a well-formed driver) and notifies the queue.
     pub fn publish(&mut self, mmio: &Mmio, head: u16, advance: u16) {
         let slot = self.next_avail % self.size;
         // SAFETY: ring[slot] of the driver ring (flags u16, idx u16, ring[size] u16).
@@ -356,7 +380,16 @@ impl Queue {
         // SAFETY: the driver ring's idx field.
         unsafe { ((self.mem + AVAIL_OFFSET + 2) as *mut u16).write_volatile(self.next_avail) };
         fence(Ordering::SeqCst);
-        mmio.write(reg::QUEUE_NOTIFY, 0);
+        mmio.write(reg::QUEUE_NOTIFY, self.index as u32);
+    }
+
+    /// The next used element (id, len) if the device has returned one; does not wait.
+    pub fn poll_used(&mut self) -> Option<(u32, u32)> {
+        // SAFETY: the device ring's idx field.
+        if unsafe { ((self.mem + USED_OFFSET + 2) as *const u16).read_volatile() } == self.last_used {
+            return None;
+        }
+        Some(self.take_used())
     }
 
     /// Polls the device ring for the next used element, for at most `timeout_ns`
@@ -383,6 +416,12 @@ impl Queue {
                 }
             }
         }
+        Ok(self.take_used())
+    }
+
+    /// Consumes the used element at `last_used` (the device ring's idx has moved past it).
+    fn take_used(&mut self) -> (u32, u32) {
+        // The index before the element it publishes.
         fence(Ordering::SeqCst);
         let slot = (self.last_used % self.size) as u64;
         // SAFETY: ring[slot] of the device ring (flags u16, idx u16, ring[size] of
@@ -392,6 +431,6 @@ impl Queue {
             (elem.read_volatile(), elem.add(1).read_volatile())
         };
         self.last_used = self.last_used.wrapping_add(1);
-        Ok(elem)
+        elem
     }
 }

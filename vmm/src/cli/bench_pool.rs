@@ -13,7 +13,7 @@ use clap::Args;
 
 use super::run::{run_specs, success, Control};
 use super::{EXIT_BAD_INPUT, EXIT_GUEST_FAILED};
-use crate::config::{BootConfig, PartitionSpec, PoolSpec};
+use crate::config::{BootConfig, LoanPolicy, PartitionSpec, PoolSpec};
 use crate::partition::Report;
 
 #[derive(Args, Debug)]
@@ -160,6 +160,49 @@ fn bench(a: &PoolBenchArgs) -> Result<(), String> {
     }
     drop(swap);
 
+    // --- Loaning: the same partitions, but half of each one's memory is idle (stamped
+    // at start, then left alone) and its balloon driver cooperates; the pool is 2x
+    // overcommitted. Once with the loaning policy on, once off (hypervisor paging only).
+    let idle_mib = a.logical_mib.saturating_sub(a.ws_mib / 2 + 16).min(a.ws_mib);
+    let loan_ws = (a.ws_mib / 2).max(1) * 256;
+    let wl = WorkloadParams {
+        working_set_pages: loan_ws,
+        phase_accesses: loan_ws / 2,
+        idle_pages: idle_mib * 256,
+        balloon: amsvm_abi::balloon::COOPERATE,
+        ..w
+    };
+    let pool_mib = total_mib / 2;
+    let mut loan_rows = Vec::new();
+    for policy in [LoanPolicy::Default, LoanPolicy::Off] {
+        eprintln!("loaning at 2x ({pool_mib} MiB pool), loan_policy {policy} ...");
+        let specs: Vec<_> = (0..a.partitions)
+            .map(|i| PartitionSpec { loan_policy: policy, ..spec(i, a.logical_mib, WorkloadParams { seed: i as u64 + 1, ..wl }) })
+            .collect();
+        let r = run(&specs, Some(&pool_spec(&a.dir, pool_mib, false)))?;
+        let sum = |f: &dyn Fn(&Report) -> u64| r.iter().map(f).sum::<u64>();
+        let bal = |r: &Report, f: &dyn Fn(&crate::devices::virtio::balloon::BalloonState) -> u64| {
+            r.metrics.balloon.lock().unwrap_or_else(|e| e.into_inner()).as_deref().map_or(0, f)
+        };
+        let verified = sum(&|r| r.metrics.pages_verified.load(Relaxed).saturating_sub(loan_ws));
+        let balloon_pages = sum(&|r| bal(r, &|b| b.frames_freed.load(Relaxed)));
+        let balloon_ns = sum(&|r| bal(r, &|b| b.discard_ns.load(Relaxed)));
+        let paged = sum(&|r| r.metrics.page_outs.load(Relaxed));
+        let paged_ns = sum(&|r| r.metrics.page_out_ns.load(Relaxed));
+        let peak_loan = sum(&|r| bal(r, &|b| b.peak_loaned.load(Relaxed)));
+        let mibs = |pages: u64, ns: u64| if ns == 0 { f64::NAN } else { pages as f64 * 4096.0 / MIB as f64 / (ns as f64 / 1e9) };
+        loan_rows.push((
+            policy,
+            verified as f64 / a.seconds as f64,
+            sum(&|r| r.metrics.hpi.load(Relaxed)),
+            peak_loan,
+            balloon_pages,
+            mibs(balloon_pages, balloon_ns),
+            paged,
+            mibs(paged, paged_ns),
+        ));
+    }
+
     println!();
     println!("amsvm bench pool — {}", chrono_like_date());
     println!();
@@ -192,6 +235,38 @@ fn bench(a: &PoolBenchArgs) -> Result<(), String> {
         }
     }
     println!("vpg/s: pages verified per second, all partitions together (the workload checks every word of every page it reads)");
+    println!();
+    println!(
+        "loaning: {} partitions x {} MiB, working set {} MiB + {} MiB idle each, pool {} MiB (2x), {} s per run",
+        a.partitions,
+        a.logical_mib,
+        loan_ws / 256,
+        idle_mib,
+        pool_mib,
+        a.seconds
+    );
+    println!(
+        "{:>11} {:>12} {:>10} {:>13} {:>15} {:>15} {:>13} {:>13}",
+        "loan_policy", "vpg/s", "hpi", "peak loan MiB", "balloon MiB", "balloon MiB/s", "paged MiB", "paging MiB/s"
+    );
+    let base = loan_rows.iter().find(|r| r.0 == LoanPolicy::Off).map(|r| r.1);
+    for (policy, vpg, hpi, peak, bpages, brate, ppages, prate) in &loan_rows {
+        println!(
+            "{:>11} {:>12.0} {:>10} {:>13.1} {:>15.1} {:>15.0} {:>13.1} {:>13.0}",
+            policy.to_string(),
+            vpg,
+            hpi,
+            *peak as f64 / 256.0,
+            *bpages as f64 / 256.0,
+            brate,
+            *ppages as f64 / 256.0,
+            prate
+        );
+    }
+    if let (Some(on), Some(off)) = (loan_rows.iter().find(|r| r.0 == LoanPolicy::Default).map(|r| r.1), base) {
+        println!("throughput with loaning / without: {:.2}", on / off);
+    }
+    println!("MiB/s: pages reclaimed per second of the reclaiming thread's time (balloon: dropping inflated pages; paging: page-out)");
     Ok(())
 }
 

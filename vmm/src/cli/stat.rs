@@ -128,6 +128,10 @@ mod tests {
         m.page_outs.store(456, Relaxed);
         m.pager_bytes.store(2 << 20, Relaxed);
         m.pages_verified.store(73923, Relaxed);
+        let b = Arc::new(crate::devices::virtio::balloon::BalloonState::default());
+        b.loaned.store(12 * 256, Relaxed);
+        b.target.store(20 * 256, Relaxed);
+        *m.balloon.lock().unwrap() = Some(b);
         let long = RegisteredPartition::new("a-rather-long-name", 256, 0, 128, Arc::default());
         long.set_outcome("exited ok");
         let reg = Registry::new(Some(pool), vec![RegisteredPartition::new("alpha", 128, 16, 200, m), long]);
@@ -142,10 +146,10 @@ mod tests {
             ["partition", "logical", "pmem", "loan", "loan-tgt", "hpi", "hpit-ms", "page-outs", "pager-MiB", "verified", "failures", "state"]
         );
         let row: Vec<_> = lines[3].split_whitespace().collect();
-        assert_eq!(row, ["alpha", "128", "80.0", "0.0", "123", "4.50", "456", "2.0", "73923", "0", "running"]);
+        assert_eq!(row, ["alpha", "128", "80.0", "12.0", "20.0", "123", "4.50", "456", "2.0", "73923", "0", "running"]);
         let row: Vec<_> = lines[4].split_whitespace().collect();
         assert_eq!(row[0], "a-rather-long-name");
-        assert_eq!(&row[10..], ["ended:", "exited", "ok"]);
+        assert_eq!(&row[11..], ["ended:", "exited", "ok"]);
         // Columns line up whatever the name lengths.
         assert_eq!(lines[2].find("state"), lines[3].find("running"));
         assert_eq!(lines[3].find("running"), lines[4].find("ended"));

@@ -17,7 +17,7 @@
 //! - Deflating returns loans to the highest-weight partitions first.
 //! - A partition whose balloon does not move toward its target for
 //!   [`UNRESPONSIVE_AFTER`] is left out (and its target set back to its loan) until its
-//!   loan changes again.
+//!   loan changes again or [`RETRY_AFTER`] has passed.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
@@ -42,8 +42,11 @@ pub const DEFLATE_ABOVE: f64 = 3.0 / 8.0;
 const MAX_DEFLATE_PER_ROUND: u64 = 4096;
 
 /// How long a balloon may stay short of its target without moving before the policy
-/// stops counting on it.
-pub const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(1);
+/// stops counting on it (a driver that is merely slow — its guest is paging hard, say —
+/// moves within this).
+pub const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(5);
+/// How long an unresponsive balloon is left out before the policy asks it again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(10);
 
 /// How often the policy asks each driver for fresh statistics.
 const STATS_EVERY: Duration = Duration::from_millis(250);
@@ -54,7 +57,7 @@ pub(super) struct LoanTrack {
     /// The loan when it last changed, and when.
     last_loan: u64,
     since: Option<Instant>,
-    unresponsive: bool,
+    pub(super) unresponsive: bool,
     last_stats: Option<Instant>,
 }
 
@@ -102,7 +105,8 @@ fn round(pool: &Pool) {
                 tr.last_stats = Some(now);
                 b.request_stats();
             }
-            if loaned != tr.last_loan || tr.since.is_none() {
+            let retry = tr.unresponsive && tr.since.is_some_and(|t| now.duration_since(t) >= RETRY_AFTER);
+            if loaned != tr.last_loan || tr.since.is_none() || retry {
                 tr.last_loan = loaned;
                 tr.since = Some(now);
                 tr.unresponsive = false;
@@ -112,6 +116,7 @@ fn round(pool: &Pool) {
                     p.metrics().loan_unresponsive.fetch_add(1, Relaxed);
                 }
                 tr.unresponsive = true;
+                tr.since = Some(now);
                 b.set_target(loaned);
             }
             if tr.unresponsive {
@@ -132,8 +137,10 @@ fn round(pool: &Pool) {
         cands.push(Candidate { weight: p.weight, loaned: loaned.max(target), room, p });
     }
     if free < low {
-        // Ask for enough to reach the high watermark, shared by room x (256 - weight).
-        let mut want = high - free;
+        // Ask for enough to reach the high watermark, shared by room x (256 - weight),
+        // less what was asked for before and is still on its way.
+        let pending: u64 = cands.iter().map(|c| c.p.pending_loan()).sum();
+        let mut want = (high - free).saturating_sub(pending);
         let mut open: Vec<usize> = (0..cands.len()).filter(|&i| cands[i].room > 0).collect();
         let mut ask = vec![0u64; cands.len()];
         while want > 0 && !open.is_empty() {

@@ -215,7 +215,7 @@ impl Pool {
                     self.metrics.peak_resident.fetch_max(s.resident, Relaxed);
                     return true;
                 }
-                self.rank_victims(&s)
+                self.rank_victims(&s, requester)
             };
             if requester.is_detached() {
                 return false;
@@ -273,25 +273,48 @@ impl Pool {
     ///
     /// Each partition has a target: its `min` plus a part of the pool above all
     /// minimums in proportion to `weight + 1` (a higher weight keeps memory longer).
-    /// What a partition does not use of its share goes to the others (water-filling),
-    /// so an idle partition does not keep frames the busy ones need. The partition
+    /// What a partition does not use of its share (its demand is what it holds now; the
+    /// requester's is unbounded) goes to the others (water-filling), so an idle
+    /// partition does not keep frames the busy ones need. The partition
     /// furthest above its target gives first: as many pages as it is above (at least
-    /// [`MIN_RECLAIM`], at most [`RECLAIM_BATCH`]). Partitions with nothing to give (at
-    /// their `min`, all their pages in transit, paused or detaching) are left out.
-    fn rank_victims(&self, s: &PoolState) -> Vec<(Arc<PartitionPool>, usize)> {
+    /// [`MIN_RECLAIM`], at most [`RECLAIM_BATCH`]). Pages a partition's balloon was asked
+    /// for and has not given yet count as given: a partition that is loaning is paged
+    /// after one that does not cooperate. Partitions with nothing to give (at their
+    /// `min`, all their pages in transit, paused or detaching) are left out.
+    ///
+    /// Another partition gives pages to `requester` only while it is at least
+    /// [`MIN_RECLAIM`] pages above its target; otherwise the requester pages itself
+    /// first. At equilibrium every partition sits at its target, and without this rule
+    /// the one that keeps faulting (it wants more than its share) would take its pages
+    /// from partitions that are within theirs.
+    fn rank_victims(&self, s: &PoolState, requester: &PartitionPool) -> Vec<(Arc<PartitionPool>, usize)> {
         let parts: Vec<Arc<PartitionPool>> = s.partitions.iter().filter_map(Weak::upgrade).collect();
         let resident: Vec<f64> = parts.iter().map(|p| p.resident() as f64).collect();
+        // Demand: what a partition holds now; the requester wants more than it holds.
+        let is_requester = |p: &Arc<PartitionPool>| std::ptr::eq(Arc::as_ptr(p), requester);
         let targets = water_fill(
             self.capacity as f64,
-            &parts.iter().zip(&resident).map(|(p, &r)| (p.min_pages as f64, p.weight as f64 + 1.0, r)).collect::<Vec<_>>(),
+            &parts
+                .iter()
+                .zip(&resident)
+                .map(|(p, &r)| (p.min_pages as f64, p.weight as f64 + 1.0, if is_requester(p) { self.capacity as f64 } else { r }))
+                .collect::<Vec<_>>(),
         );
         let mut ranked: Vec<(f64, Arc<PartitionPool>)> = parts
             .into_iter()
             .zip(resident.iter().zip(targets))
             .filter(|(p, _)| p.evictable() > 0)
-            .map(|(p, (&r, t))| (r - t, p))
+            .map(|(p, (&r, t))| (r - t - p.pending_loan() as f64, p))
             .collect();
         ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+        if let Some(pos) = ranked.iter().position(|(_, p)| is_requester(p)) {
+            let first_within =
+                ranked.iter().position(|(e, p)| *e < MIN_RECLAIM as f64 && !is_requester(p)).unwrap_or(ranked.len());
+            if pos > first_within {
+                let r = ranked.remove(pos);
+                ranked.insert(first_within, r);
+            }
+        }
         ranked
             .into_iter()
             .map(|(excess, p)| (p, (excess.ceil().max(0.0) as usize).clamp(MIN_RECLAIM, RECLAIM_BATCH)))

@@ -55,6 +55,10 @@ fn cluster(t: &PageTable, i: usize, s: State, slot: Option<crate::pager::Slot>) 
     n
 }
 
+/// Pages detached into the staging area, as (page, staging index), and those that could
+/// not be, with the state they keep.
+type Detached = (Vec<(usize, usize)>, Vec<(usize, State)>);
+
 impl crate::devices::virtio::balloon::Discard for PartitionPool {
     fn discard(&self, gpa: u64, len: u64) -> u64 {
         self.discard_pages((gpa / 4096) as usize, (len / 4096) as usize)
@@ -203,6 +207,16 @@ impl PartitionPool {
 
     pub(super) fn balloon(&self) -> Option<BalloonHandle> {
         self.balloon.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Pages the balloon was asked for and has not given yet (0 when it is not active or
+    /// does not follow its target): memory that is on its way back to the pool.
+    pub(super) fn pending_loan(&self) -> u64 {
+        let Some(b) = self.balloon() else { return 0 };
+        if !b.state.active.load(Relaxed) || self.loan_track().unresponsive {
+            return 0;
+        }
+        b.state.target.load(Relaxed).saturating_sub(b.state.loaned.load(Relaxed))
     }
 
     pub(super) fn loan_track(&self) -> std::sync::MutexGuard<'_, LoanTrack> {
@@ -470,7 +484,7 @@ impl PartitionPool {
     /// staging batch `batch` (victim k to staging page `batch + k`), runs of consecutive
     /// pages with one move. Returns the pages moved, as (page, staging index), and those
     /// that could not be, with the state they keep.
-    fn detach_to_staging(&self, victims: &[usize], batch: usize) -> (Vec<(usize, usize)>, Vec<(usize, State)>) {
+    fn detach_to_staging(&self, victims: &[usize], batch: usize) -> Detached {
         let staging = &self.pool.staging;
         // Detach the victims from guest memory, runs of consecutive pages with one move.
         let mut moved = Vec::with_capacity(victims.len()); // (page, staging index)
@@ -594,6 +608,7 @@ impl PartitionPool {
         if !*alive || self.paused.load(Relaxed) {
             return 0;
         }
+        let t0 = Instant::now();
         self.harvest_references();
         let victims = {
             let mut t = self.table();
@@ -710,6 +725,7 @@ impl PartitionPool {
         self.metrics.page_out_writes.fetch_add(dirty.len() as u64, Relaxed);
         self.metrics.pager_bytes.store(self.pager.bytes_in_use(), Relaxed);
         self.pool.release(freed);
+        self.metrics.page_out_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
         freed
     }
 

@@ -375,3 +375,34 @@ fn water_filling_gives_unused_shares_to_the_others() {
     assert!((t[1] - (20.0 + 68.0 / 3.0)).abs() < 1e-9 && (t[2] - 68.0 * 2.0 / 3.0).abs() < 1e-9, "{t:?}");
     assert!((t.iter().sum::<f64>() - 100.0).abs() < 1e-9);
 }
+
+#[test]
+fn discarded_pages_return_frames_and_slots_and_come_back_as_zeros() {
+    let pool = Pool::new(32 * 4096).unwrap();
+    let a = part(&pool, "a", 64, 0, 128, MemPager::default());
+    // 64 pages through a 32-frame pool: about half end up paged out.
+    for i in 0..64 {
+        a.region.write(i, 7, 1);
+    }
+    let resident_before = a.pp.0.resident();
+    let slots_before = a.pager.bytes_in_use();
+    assert!(slots_before > 0);
+    // The guest gives pages 0..48 away (balloon inflate).
+    let freed = crate::devices::virtio::balloon::Discard::discard(&*a.pp.0, 0, 48 * 4096);
+    let t = a.pp.0.table();
+    assert!(t.pages[..48].iter().all(|p| p.state == State::Zero && p.slot.is_none()), "every given page holds nothing");
+    assert_eq!(t.resident, resident_before - freed);
+    drop(t);
+    assert_eq!(pool.metrics.resident.load(Relaxed), a.pp.0.resident(), "frames went back to the pool");
+    assert!(a.region.resident() <= a.pp.0.resident() as usize, "host view agrees");
+    assert!(a.pager.bytes_in_use() < slots_before, "their slots were freed");
+    // Pages kept are intact; given pages read back as zeros (fresh frames).
+    for i in 48..64 {
+        assert!(a.region.check(i, 7, 1), "page {i}");
+    }
+    for i in 0..48 {
+        assert!(a.region.check(i, 7, 0), "page {i} is zero after discard");
+    }
+    // Out-of-range requests are clamped to the partition.
+    assert_eq!(a.pp.0.discard_pages(1 << 40, 10), 0);
+}

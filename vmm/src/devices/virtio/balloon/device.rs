@@ -124,6 +124,7 @@ impl VirtioBalloon {
 
     /// Discard runs of consecutive pages.
     fn discard_pfns(&self, pfns: &mut [u64]) -> u64 {
+        let t0 = std::time::Instant::now();
         pfns.sort_unstable();
         let mut freed = 0;
         let mut i = 0;
@@ -135,6 +136,7 @@ impl VirtioBalloon {
             freed += self.discard.discard(pfns[i] << PFN_SHIFT, ((j - i) as u64) << PFN_SHIFT);
             i = j;
         }
+        self.state.discard_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
         freed
     }
 
@@ -253,6 +255,7 @@ impl VirtioBalloon {
     }
 
     fn report(&mut self, bufs: &[(u64, u64)]) {
+        let t0 = std::time::Instant::now();
         let mut freed = 0;
         let mut pages = 0;
         for &(addr, len) in bufs {
@@ -261,6 +264,7 @@ impl VirtioBalloon {
         }
         self.state.reported.fetch_add(pages, Relaxed);
         self.state.frames_freed.fetch_add(freed, Relaxed);
+        self.state.discard_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
     }
 
     fn queue_error(index: usize, source: virtio_queue::Error) -> VirtioError {

@@ -127,8 +127,10 @@ pub struct BalloonState {
     pub deflated: AtomicU64,
     /// Pages reported free (FREE_PAGE_REPORTING) and discarded.
     pub reported: AtomicU64,
-    /// Pool frames freed by inflating and reporting.
+    /// Pool frames freed by inflating and reporting, and the nanoseconds spent dropping
+    /// the pages.
     pub frames_freed: AtomicU64,
+    pub discard_ns: AtomicU64,
     /// Rejected page numbers: beyond guest memory; inflated twice; deflated but not in
     /// the balloon.
     pub rejected_out_of_range: AtomicU64,
@@ -145,7 +147,7 @@ pub struct BalloonState {
 impl BalloonState {
     /// Every counter with its name, for text, JSON and Prometheus output.
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        let all: [(&'static str, &AtomicU64); 14] = [
+        let all: [(&'static str, &AtomicU64); 15] = [
             ("target", &self.target),
             ("actual", &self.actual),
             ("loaned", &self.loaned),
@@ -154,6 +156,7 @@ impl BalloonState {
             ("deflated", &self.deflated),
             ("reported", &self.reported),
             ("frames_freed", &self.frames_freed),
+            ("discard_ns", &self.discard_ns),
             ("rejected_out_of_range", &self.rejected_out_of_range),
             ("rejected_duplicate", &self.rejected_duplicate),
             ("rejected_not_inflated", &self.rejected_not_inflated),

@@ -1,0 +1,80 @@
+//! Cooperative memory loaning: the pool reclaims through virtio-balloon before it pages,
+//! and falls back to hypervisor paging for a partition whose driver does not cooperate.
+
+use crate::common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// Three partitions of 128 MiB, each with a working set of `ws_mib` and `idle_mib` of
+/// idle memory (stamped at start, then left alone), in a pool of `pool_mib`; about 4.5 MiB
+/// more per partition are image and bookkeeping. `modes[i]` is partition i's balloon mode.
+fn config(pool_mib: u64, ws_mib: u64, idle_mib: u64, modes: [&str; 3]) -> String {
+    let mut cfg = format!("log_dir = \"logs\"\n[pool]\nsize_mib = {pool_mib}\n");
+    for (i, mode) in modes.iter().enumerate() {
+        cfg += &format!(
+            "[[partition]]\nname = \"p{i}\"\nlogical_mib = 128\nimage = \"workload\"\n\
+             [partition.workload]\nworking_set_mib = {ws_mib}\nidle_mib = {idle_mib}\npattern = \"uniform\"\nwrite_pct = 30\n\
+             duration_ms = 4000\nseed = {}\nballoon = \"{mode}\"\n",
+            i + 1
+        );
+    }
+    cfg
+}
+
+fn run(pool_mib: u64, ws_mib: u64, idle_mib: u64, modes: [&str; 3]) -> (Vec<Row>, String, Vec<u64>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "loan.toml", &config(pool_mib, ws_mib, idle_mib, modes));
+    let (status, stdout, stderr, samples) = run_sampled(&path, 128 * MIB, 3);
+    assert_eq!(status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let rows = summary(&stdout);
+    assert_eq!(rows.len(), 3, "{stdout}");
+    for r in &rows {
+        assert_eq!(r.outcome, "exited ok", "{stdout}");
+        assert_eq!(r.failures, 0, "{stdout}");
+        assert!(r.verified > ws_mib * 256, "the final pass alone verifies the whole working set: {r:?}");
+    }
+    assert!(samples.len() >= 10, "too few host-side samples ({})", samples.len());
+    let peak = *samples.iter().max().unwrap();
+    assert!(peak <= pool_mib * MIB, "guest memory resident {} KiB, above the {pool_mib} MiB pool", peak / 1024);
+    (rows, stdout, samples)
+}
+
+#[test]
+fn the_pool_reclaims_by_loaning_before_it_pages() {
+    // 3 x (32 + 56 + 4.5) MiB in 200 MiB: the idle memory is stamped before the balloons
+    // start and fits; then the working sets press, about 80 MiB short — less than the
+    // 168 MiB of idle memory.
+    let (rows, stdout, _) = run(200, 32, 56, ["cooperate"; 3]);
+    let loaned: u64 = rows.iter().map(|r| r.peak_loan).sum();
+    let hpi: u64 = rows.iter().map(|r| r.hpi).sum();
+    // At least the 80 MiB the pool is short came back through the balloons.
+    assert!(loaned >= 80 * 256, "loans reached only {} MiB:\n{stdout}", loaned / 256);
+    let paged: u64 = rows.iter().map(|r| r.page_outs).sum();
+    assert!(paged < 1024, "{paged} pages were paged out although the balloons had room:\n{stdout}");
+    for r in &rows {
+        assert!(r.peak_loan > 0, "every cooperating partition loaned: {r:?}\n{stdout}");
+    }
+    // Near zero: the working sets stayed resident; at most a few pages taken before the
+    // balloons caught up were read back.
+    assert!(hpi < 256, "hypervisor page-ins {hpi} (loaning should have made paging unneeded):\n{stdout}");
+}
+
+#[test]
+fn a_partition_that_ignores_its_balloon_is_paged_instead() {
+    // 3 x (40 + 40 + 4.5) MiB in 140 MiB: the idle memory fits; then the working sets
+    // press, about 115 MiB short — more than the two cooperating partitions' 80 MiB of
+    // idle memory. The rest must be paged, from the partition that keeps more than its
+    // share because it does not loan.
+    let (rows, stdout, _) = run(140, 40, 40, ["cooperate", "cooperate", "ignore"]);
+    let (coop, deaf) = (&rows[..2], &rows[2]);
+    assert_eq!(deaf.peak_loan, 0, "{stdout}");
+    assert!(deaf.page_outs > 0 && deaf.hpi > 0, "the pool pages the partition that does not loan: {stdout}");
+    for r in coop {
+        assert!(r.peak_loan > 0, "{stdout}");
+        assert!(r.page_outs < deaf.page_outs, "paging fell on the cooperating partition {}: {stdout}", r.name);
+    }
+    // The few pages the cooperating partitions read back were taken before their loans
+    // arrived; the page-ins are the non-cooperating partition's.
+    let coop_hpi: u64 = coop.iter().map(|r| r.hpi).sum();
+    assert!(coop_hpi * 2 < deaf.hpi, "cooperating partitions paged in {coop_hpi}, the other {}: {stdout}", deaf.hpi);
+}
