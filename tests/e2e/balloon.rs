@@ -78,3 +78,61 @@ fn a_partition_that_ignores_its_balloon_is_paged_instead() {
     let coop_hpi: u64 = coop.iter().map(|r| r.hpi).sum();
     assert!(coop_hpi * 2 < deaf.hpi, "cooperating partitions paged in {coop_hpi}, the other {}: {stdout}", deaf.hpi);
 }
+
+/// `amsvm loan` holds a target; the guest's balloon follows it; `0` gives it back.
+#[test]
+fn an_operator_target_is_followed_and_given_back() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    // A roomy pool: the loaning policy itself would never ask for anything.
+    let cfg = "log_dir = \"logs\"\n[pool]\nsize_mib = 512\n[[partition]]\nname = \"p0\"\nlogical_mib = 128\n\
+               image = \"workload\"\n[partition.workload]\nworking_set_mib = 16\nidle_mib = 48\npattern = \"uniform\"\n\
+               duration_ms = 15000\nballoon = \"cooperate\"\n";
+    let path = write_config(dir.path(), "loan.toml", cfg);
+    let sock = dir.path().join("ctl.sock");
+    let child = amsvm().arg("run").arg(&path).arg("--socket").arg(&sock).stdout(Stdio::piped()).spawn().unwrap();
+    let stat = || -> Option<serde_json::Value> {
+        let out = amsvm().args(["stat", "--json", "--socket"]).arg(&sock).output().unwrap();
+        out.status.success().then(|| serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["partitions"][0].clone())
+    };
+    let wait_for = |what: &str, ok: &dyn Fn(&serde_json::Value) -> bool| -> serde_json::Value {
+        let t0 = Instant::now();
+        loop {
+            if let Some(p) = stat().filter(|p| ok(p)) {
+                return p;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "{what}: not within 30 s (last: {:?})", stat());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("the balloon driver starts", &|p| p["balloon"]["active"] == true && p["pages_verified"].as_u64() > Some(0));
+    let pmem_before = stat().unwrap()["pmem_pages"].as_u64().unwrap();
+    // Bad requests are refused with a message naming the problem.
+    let out = amsvm().args(["loan", "nobody", "8", "--socket"]).arg(&sock).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no partition named \"nobody\""));
+    let out = amsvm().args(["loan", "p0", "4096", "--socket"]).arg(&sock).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("min_mib"));
+    // Loan 40 MiB: the idle pages go, the pool gets their frames back.
+    assert!(amsvm().args(["loan", "p0", "40", "--socket"]).arg(&sock).status().unwrap().success());
+    let p = wait_for("a loan of 40 MiB", &|p| p["loan_pages"].as_u64() == Some(40 * 256));
+    assert_eq!(p["loan_target_pages"].as_u64(), Some(40 * 256));
+    assert_eq!(p["balloon"]["actual"].as_u64(), Some(40 * 256), "the driver reports what it holds");
+    let pmem_loaned = p["pmem_pages"].as_u64().unwrap();
+    assert!(pmem_loaned + 30 * 256 <= pmem_before, "resident {pmem_before} -> {pmem_loaned} pages: the loaned frames went back");
+    // Give it back.
+    assert!(amsvm().args(["loan", "p0", "0", "--socket"]).arg(&sock).status().unwrap().success());
+    wait_for("the loan given back", &|p| p["loan_pages"].as_u64() == Some(0));
+    assert!(amsvm().args(["loan", "p0", "auto", "--socket"]).arg(&sock).status().unwrap().success());
+    // The final pass verifies every page: the idle pages never loaned still hold their
+    // stamps, those loaned and given back read as zeros.
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let rows = summary(&stdout);
+    assert_eq!(rows[0].failures, 0, "{stdout}");
+    assert!(rows[0].verified >= (16 + 48) * 256, "{stdout}");
+    assert!(rows[0].peak_loan >= 40 * 256, "{stdout}");
+}

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_pool;
 mod boot;
+mod loan;
 mod run;
 mod stat;
 
@@ -36,6 +37,9 @@ enum Command {
     /// Print the counters of a running amsvm (pool and partitions), read from its
     /// control socket.
     Stat(stat::StatArgs),
+    /// Hold a partition's balloon target in a running amsvm (`auto`: let the pool's
+    /// loaning policy decide again).
+    Loan(loan::LoanArgs),
     /// Measurements (not tests): print tables of measured figures.
     Bench {
         #[command(subcommand)]
@@ -66,6 +70,7 @@ pub fn main() -> i32 {
         Command::Run { config, console, socket } => run::run(&config, console, socket),
         Command::Boot(args) => boot::boot(args),
         Command::Stat(args) => stat::stat(args),
+        Command::Loan(args) => loan::loan(args),
         Command::Bench { what } => bench::bench(what),
     }
 }

@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use super::protocol::{Request, Response, MAX_RESPONSE_BYTES};
+use super::protocol::{LoanTarget, Request, Response, MAX_RESPONSE_BYTES};
 use super::{ControlError, Snapshot};
 
 /// How long a client waits for each step (sending, the answer) before giving up.
@@ -21,6 +21,16 @@ pub fn request_stat_timeout(path: &Path, timeout: Duration) -> Result<Snapshot, 
     match request(path, Request::Stat, timeout)? {
         Response { ok: true, stat: Some(s), .. } => Ok(s),
         Response { ok: true, stat: None, .. } => Err(protocol(path, "\"ok\" without \"stat\"")),
+        Response { ok: false, error, .. } => {
+            Err(ControlError::Remote { path: path.to_path_buf(), msg: error.unwrap_or_else(|| "(no message)".into()) })
+        }
+    }
+}
+
+/// Ask the amsvm listening on `path` to hold (or release) a partition's balloon target.
+pub fn request_loan(path: &Path, partition: &str, target: LoanTarget) -> Result<(), ControlError> {
+    match request(path, Request::Loan { partition: partition.to_string(), target }, CLIENT_TIMEOUT)? {
+        Response { ok: true, .. } => Ok(()),
         Response { ok: false, error, .. } => {
             Err(ControlError::Remote { path: path.to_path_buf(), msg: error.unwrap_or_else(|| "(no message)".into()) })
         }

@@ -4,7 +4,9 @@
 //! ```text
 //! -> {"cmd":"stat"}
 //! <- {"ok":true,"stat":{"version":1,"pid":...,"pool":{...},"partitions":[...]}}
-//! <- {"ok":false,"error":"unknown cmd \"frobnicate\" (known: stat)"}
+//! -> {"cmd":"loan","partition":"p0","mib":64}      (or "mib":"auto")
+//! <- {"ok":true}
+//! <- {"ok":false,"error":"unknown cmd \"frobnicate\" (known: stat, loan)"}
 //! ```
 //!
 //! The socket is private to its user (mode 0600, created so that it is never reachable
@@ -21,8 +23,8 @@ mod snapshot;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use client::{request_stat, request_stat_timeout, CLIENT_TIMEOUT};
-pub use protocol::{Request, Response, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES};
+pub use client::{request_loan, request_stat, request_stat_timeout, CLIENT_TIMEOUT};
+pub use protocol::{LoanTarget, Request, Response, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES};
 pub use server::{default_dir, default_socket_path, discover, runtime_dir, Limits, Server, ServerMetrics};
 pub use snapshot::{
     PartitionSnapshot, PartitionState, PoolSnapshot, RegisteredPartition, Registry, Snapshot, PAGE_SIZE, SNAPSHOT_VERSION,

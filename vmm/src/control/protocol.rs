@@ -17,16 +17,28 @@ pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
 const MAX_ECHO: usize = 64;
 
 /// A request a client can send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// The counters of the pool and of every partition.
     Stat,
+    /// Hold a partition's balloon target (`{"cmd":"loan","partition":"p0","mib":64}`),
+    /// or give it back to the pool's loaning policy (`"mib":"auto"`).
+    Loan { partition: String, target: LoanTarget },
 }
 
-impl Request {
-    /// Every command, by its wire name.
-    pub const ALL: &'static [(&'static str, Request)] = &[("stat", Request::Stat)];
+/// The target of a `loan` request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoanTarget {
+    /// The pool's loaning policy decides.
+    Auto,
+    /// Held at this many MiB until set again.
+    Mib(u64),
+}
 
+/// Command names, for messages.
+const COMMANDS: [&str; 2] = ["stat", "loan"];
+
+impl Request {
     /// Parse one request line (without its newline). The error is the message sent back.
     pub fn parse(line: &[u8]) -> Result<Request, String> {
         let v: serde_json::Value = serde_json::from_slice(line).map_err(|e| format!("request is not JSON: {e}"))?;
@@ -36,19 +48,48 @@ impl Request {
             Some(_) => return Err("request field \"cmd\" must be a string".to_string()),
             None => return Err("request has no \"cmd\" field".to_string()),
         };
-        Self::ALL.iter().find(|(name, _)| name == cmd).map(|(_, r)| *r).ok_or_else(|| {
-            let known: Vec<_> = Self::ALL.iter().map(|(n, _)| *n).collect();
-            format!("unknown cmd {:?} (known: {})", echo(cmd), known.join(", "))
-        })
+        match cmd.as_str() {
+            "stat" => Ok(Request::Stat),
+            "loan" => {
+                let partition = match obj.get("partition") {
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    _ => return Err("loan: \"partition\" must be a partition name".to_string()),
+                };
+                let target = match obj.get("mib") {
+                    Some(serde_json::Value::String(s)) if s == "auto" => LoanTarget::Auto,
+                    Some(v) => match v.as_u64() {
+                        Some(m) if m <= 1 << 30 => LoanTarget::Mib(m),
+                        _ => return Err(format!("loan: \"mib\" must be a number of MiB or \"auto\", not {}", echo(&v.to_string()))),
+                    },
+                    None => return Err("loan: \"mib\" is missing (a number of MiB or \"auto\")".to_string()),
+                };
+                Ok(Request::Loan { partition, target })
+            }
+            _ => Err(format!("unknown cmd {:?} (known: {})", echo(cmd), COMMANDS.join(", "))),
+        }
     }
 
-    pub fn name(self) -> &'static str {
-        Self::ALL.iter().find(|(_, r)| *r == self).map(|(n, _)| *n).unwrap_or("?")
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Stat => "stat",
+            Request::Loan { .. } => "loan",
+        }
     }
 
     /// The request as sent on the wire, newline included.
-    pub fn to_line(self) -> String {
-        format!("{}\n", serde_json::json!({ "cmd": self.name() }))
+    pub fn to_line(&self) -> String {
+        let v = match self {
+            Request::Stat => serde_json::json!({ "cmd": "stat" }),
+            Request::Loan { partition, target } => serde_json::json!({
+                "cmd": "loan",
+                "partition": partition,
+                "mib": match target {
+                    LoanTarget::Auto => serde_json::json!("auto"),
+                    LoanTarget::Mib(m) => serde_json::json!(m),
+                },
+            }),
+        };
+        format!("{v}\n")
     }
 }
 
@@ -73,6 +114,11 @@ pub struct Response {
 impl Response {
     pub fn stat(s: Snapshot) -> Response {
         Response { ok: true, stat: Some(s), error: None }
+    }
+
+    /// A request that changed something and has nothing to report.
+    pub fn done() -> Response {
+        Response { ok: true, stat: None, error: None }
     }
 
     pub fn error(msg: impl Into<String>) -> Response {
@@ -101,10 +147,17 @@ mod tests {
         assert!(Request::parse(b"{}").unwrap_err().contains("no \"cmd\""));
         assert!(Request::parse(br#"{"cmd":7}"#).unwrap_err().contains("must be a string"));
         let e = Request::parse(br#"{"cmd":"frobnicate"}"#).unwrap_err();
-        assert_eq!(e, "unknown cmd \"frobnicate\" (known: stat)");
+        assert_eq!(e, "unknown cmd \"frobnicate\" (known: stat, loan)");
         let long = format!(r#"{{"cmd":"{}"}}"#, "x".repeat(1000));
         assert!(Request::parse(long.as_bytes()).unwrap_err().len() < 200);
         assert!(Request::parse(&[0xff, 0xfe]).is_err());
         assert_eq!(Request::Stat.to_line(), "{\"cmd\":\"stat\"}\n");
+        let loan = Request::Loan { partition: "p0".into(), target: LoanTarget::Mib(64) };
+        assert_eq!(Request::parse(loan.to_line().trim_end().as_bytes()), Ok(loan));
+        let auto = Request::Loan { partition: "p0".into(), target: LoanTarget::Auto };
+        assert_eq!(Request::parse(auto.to_line().trim_end().as_bytes()), Ok(auto));
+        for bad in [r#"{"cmd":"loan","mib":3}"#, r#"{"cmd":"loan","partition":"a"}"#, r#"{"cmd":"loan","partition":"a","mib":-1}"#, r#"{"cmd":"loan","partition":"a","mib":"lots"}"#] {
+            assert!(Request::parse(bad.as_bytes()).unwrap_err().starts_with("loan: "), "{bad}");
+        }
     }
 }

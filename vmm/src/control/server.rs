@@ -381,6 +381,13 @@ impl Connection<'_> {
                 s.control_busy = self.metrics.busy.load(Relaxed);
                 Response::stat(s)
             }
+            Ok(Request::Loan { partition, target }) => {
+                self.metrics.requests.fetch_add(1, Relaxed);
+                match self.registry.set_loan(&partition, target) {
+                    Ok(()) => Response::done(),
+                    Err(msg) => Response::error(msg),
+                }
+            }
             Err(msg) => {
                 self.metrics.rejected.fetch_add(1, Relaxed);
                 Response::error(msg)

@@ -102,6 +102,32 @@ impl Registry {
         Registry { pool, partitions, started: Some(Instant::now()) }
     }
 
+    /// Hold partition `name`'s balloon target, or hand it back to the loaning policy.
+    pub fn set_loan(&self, name: &str, target: super::protocol::LoanTarget) -> Result<(), String> {
+        let p = self.partitions.iter().find(|p| p.name == name).ok_or_else(|| {
+            let names: Vec<_> = self.partitions.iter().map(|p| p.name.as_str()).collect();
+            format!("no partition named {name:?} (partitions: {})", names.join(", "))
+        })?;
+        let b = p.metrics.balloon.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| {
+            format!("partition {name:?} has no balloon (only partitions in a [pool] have one)")
+        })?;
+        match target {
+            super::protocol::LoanTarget::Auto => b.manual_target.store(u64::MAX, Relaxed),
+            super::protocol::LoanTarget::Mib(m) => {
+                let pages = m.saturating_mul(MIB / PAGE_SIZE);
+                let max = p.logical_mib.saturating_sub(p.min_mib) * (MIB / PAGE_SIZE);
+                if pages > max {
+                    return Err(format!(
+                        "partition {name:?}: a loan of {m} MiB would leave it less than its min_mib ({} MiB of {} MiB)",
+                        p.min_mib, p.logical_mib
+                    ));
+                }
+                b.manual_target.store(pages, Relaxed);
+            }
+        }
+        Ok(())
+    }
+
     /// The counters now. Control-socket counters are zero here; the server fills them in.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {

@@ -15,6 +15,8 @@
 //! - The request is shared in proportion to what each partition can give times
 //!   `256 - weight` (a lower weight loans first), capped at what it can give.
 //! - Deflating returns loans to the highest-weight partitions first.
+//! - A target held by the operator (`amsvm loan NAME MIB`) is applied as is and the
+//!   partition is left out until it is released (`amsvm loan NAME auto`).
 //! - A partition whose balloon does not move toward its target for
 //!   [`UNRESPONSIVE_AFTER`] is left out (and its target set back to its loan) until its
 //!   loan changes again or [`RETRY_AFTER`] has passed.
@@ -95,6 +97,11 @@ fn round(pool: &Pool) {
         let Some(b) = p.balloon() else { continue };
         let st = &b.state;
         if !st.active.load(Relaxed) || p.is_detached() {
+            continue;
+        }
+        if let Some(t) = st.manual() {
+            // Held by the operator: the policy neither asks nor gives back.
+            b.set_target(t);
             continue;
         }
         let loaned = st.loaned.load(Relaxed);

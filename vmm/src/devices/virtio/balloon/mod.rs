@@ -109,10 +109,13 @@ impl GuestStats {
 }
 
 /// State shared by the device, the pool's loaning policy and metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BalloonState {
     /// Target balloon size in pages (`num_pages`), set by the pool.
     pub target: AtomicU64,
+    /// A target held by the operator (`amsvm loan`), in pages; `u64::MAX`: none, the
+    /// loaning policy decides.
+    pub manual_target: AtomicU64,
     /// `actual` as the driver last wrote it (guest-supplied: displayed only).
     pub actual: AtomicU64,
     /// Pages in the balloon now, as the device counts them (its own bitmap).
@@ -144,7 +147,36 @@ pub struct BalloonState {
     pub invalid_heads: AtomicU64,
 }
 
+impl Default for BalloonState {
+    fn default() -> Self {
+        BalloonState {
+            target: AtomicU64::new(0),
+            manual_target: AtomicU64::new(u64::MAX),
+            actual: AtomicU64::new(0),
+            loaned: AtomicU64::new(0),
+            peak_loaned: AtomicU64::new(0),
+            active: AtomicBool::new(false),
+            stats: Mutex::new(GuestStats::default()),
+            inflated: AtomicU64::new(0),
+            deflated: AtomicU64::new(0),
+            reported: AtomicU64::new(0),
+            frames_freed: AtomicU64::new(0),
+            discard_ns: AtomicU64::new(0),
+            rejected_out_of_range: AtomicU64::new(0),
+            rejected_duplicate: AtomicU64::new(0),
+            rejected_not_inflated: AtomicU64::new(0),
+            rejected_chains: AtomicU64::new(0),
+            invalid_heads: AtomicU64::new(0),
+        }
+    }
+}
+
 impl BalloonState {
+    /// The target the operator holds, if any.
+    pub fn manual(&self) -> Option<u64> {
+        Some(self.manual_target.load(Relaxed)).filter(|&t| t != u64::MAX)
+    }
+
     /// Every counter with its name, for text, JSON and Prometheus output.
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let all: [(&'static str, &AtomicU64); 15] = [
