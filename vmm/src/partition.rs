@@ -14,6 +14,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{BootConfig, PartitionSpec};
+use crate::devices::cmos;
 use crate::devices::power::{self, AcpiPower, PowerEvent, PowerSink, ResetControl, I8042};
 use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_GSI, COM1_PORT};
 use crate::devices::virtio::balloon::{BalloonHandle, VirtioBalloon};
@@ -289,6 +290,7 @@ impl Partition {
         io.insert(COM1_PORT, 8, Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)))).map_err(bus_err)?;
         io.insert(power::ACPI_SLEEP_CONTROL_PORT, power::ACPI_PORTS_LEN, Arc::new(Mutex::new(AcpiPower(sink.clone()))))
             .map_err(bus_err)?;
+        io.insert(cmos::CMOS_PORT, cmos::CMOS_PORTS_LEN, Arc::new(Mutex::new(cmos::Cmos::default()))).map_err(bus_err)?;
         io.insert(power::PCI_RESET_PORT, 1, Arc::new(Mutex::new(ResetControl(sink.clone())))).map_err(bus_err)?;
         io.insert(power::I8042_DATA_PORT, power::I8042_CMD_PORT - power::I8042_DATA_PORT + 1, Arc::new(Mutex::new(I8042(sink))))
             .map_err(bus_err)?;

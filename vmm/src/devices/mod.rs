@@ -1,5 +1,6 @@
 //! Device models and the buses that route vCPU port-I/O and MMIO exits to them.
 
+pub mod cmos;
 pub mod power;
 pub mod serial;
 pub mod virtio;
