@@ -531,18 +531,18 @@ impl PartitionPool {
     /// The guest gave pages `[first, first + n)` away (balloon inflate, free page
     /// reporting): drop their contents and return their frames and slots. Resident pages
     /// are detached through the staging area like a page-out (no remove event, so this
-    /// never waits on the fault handler); paged-out pages just lose their slot; pages in
-    /// transit are left alone. Returns the frames freed.
+    /// never waits on the fault handler to read one); paged-out pages just lose their
+    /// slot; pages in transit are waited for. Returns the frames freed.
     pub fn discard_pages(&self, first: usize, n: usize) -> u64 {
-        let Ok(alive) = self.alive.try_read() else { return 0 };
-        if !*alive {
+        let gone = || self.alive.try_read().map_or(true, |a| !*a);
+        if gone() {
             return 0;
         }
         let end = first.saturating_add(n).min(self.npages);
         let mut freed = 0u64;
         let mut slots = Vec::new();
         let mut i = first;
-        while i < end {
+        'batches: while i < end {
             // Claim up to a staging batch of resident pages; forget paged-out ones.
             let mut claimed = Vec::with_capacity(RECLAIM_BATCH);
             {
@@ -558,7 +558,21 @@ impl PartitionPool {
                             p.state = State::Zero;
                             slots.extend(p.slot.take());
                         }
-                        State::Zero | State::Transit => {}
+                        State::Zero => {}
+                        // Being paged in or out: wait until it settles and look again
+                        // (otherwise a page-out finishing later would keep the old
+                        // contents, and the guest would read them back after a deflate
+                        // instead of zeros). Claims are processed first, and no lock
+                        // but the table's is held while waiting, so this never waits on
+                        // a thread that waits on it.
+                        State::Transit if claimed.is_empty() => {
+                            t = self.settled.wait_timeout(t, std::time::Duration::from_millis(10)).unwrap_or_else(|e| e.into_inner()).0;
+                            if gone() {
+                                break 'batches;
+                            }
+                            continue;
+                        }
+                        State::Transit => break,
                     }
                     i += 1;
                 }
@@ -567,12 +581,20 @@ impl PartitionPool {
             if claimed.is_empty() {
                 continue;
             }
-            let staging = &self.pool.staging;
-            let batch = staging.take();
-            let (moved, back) = self.detach_to_staging(&claimed, batch);
-            // SAFETY: the batch's staging pages belong to this thread (see page_out).
-            unsafe { libc::madvise(staging.page_addr(batch) as *mut _, RECLAIM_BATCH * PAGE_SIZE, libc::MADV_DONTNEED) };
-            staging.give_back(batch);
+            // Guest memory stays mapped while the guard is held (see `detach`).
+            let alive = self.alive.try_read().ok().filter(|a| **a);
+            let (moved, back) = if alive.is_some() {
+                let staging = &self.pool.staging;
+                let batch = staging.take();
+                let r = self.detach_to_staging(&claimed, batch);
+                // SAFETY: the batch's staging pages belong to this thread (see page_out).
+                unsafe { libc::madvise(staging.page_addr(batch) as *mut _, RECLAIM_BATCH * PAGE_SIZE, libc::MADV_DONTNEED) };
+                staging.give_back(batch);
+                r
+            } else {
+                (Vec::new(), claimed.iter().map(|&j| (j, State::Resident)).collect())
+            };
+            drop(alive);
             {
                 let mut t = self.table();
                 for &(j, _) in &moved {
@@ -580,21 +602,24 @@ impl PartitionPool {
                     p.state = State::Zero;
                     slots.extend(p.slot.take());
                 }
-                let mut gone = moved.len() as u64;
+                let mut gone_pages = moved.len() as u64;
                 for &(j, st) in &back {
                     let p = &mut t.pages[j];
                     p.state = st;
                     if st == State::Zero {
                         slots.extend(p.slot.take());
-                        gone += 1;
+                        gone_pages += 1;
                     }
                 }
-                t.resident -= gone;
+                t.resident -= gone_pages;
                 t.leaving -= claimed.len() as u64;
                 self.metrics.pmem.store(t.resident, Relaxed);
-                freed += gone;
+                freed += gone_pages;
             }
             self.settled.notify_all();
+            if gone() {
+                break;
+            }
         }
         self.pager.free(&slots);
         self.metrics.pager_bytes.store(self.pager.bytes_in_use(), Relaxed);
