@@ -1,7 +1,7 @@
 //! Hostile-guest mode (`WorkloadParams::chaos`): before the disk test and the memory
 //! workload, the guest sends what a VMM must refuse without harm to itself, to the host
 //! or to other partitions, prints one short line per case with what came back, and then
-//! checks that the hypercalls and the disk still work.
+//! checks that the hypercalls, the disk and the balloon still work.
 //!
 //! What is sent, in order (the counts are what `tests/e2e/chaos.rs` relies on):
 //! 1. port I/O: reads and writes of 1, 2 and 4 bytes to ports [`UNCLAIMED_PORTS`] (12),
@@ -20,15 +20,35 @@
 //!      well-formed request of an unknown type, and one driver-ring index that jumps by
 //!      more than the queue size;
 //!    - then a reset and a normal verified write/flush/read-back of [`CHECK_BLOCKS`]
-//!      blocks (counted in `disk_blocks_verified` / `disk_failures`).
+//!      blocks (counted in `disk_blocks_verified` / `disk_failures`);
+//! 5. on the first virtio-balloon device, if there is one and the balloon driver will use
+//!    it (`balloon` is not `ignore`), with VERSION_1, MUST_TELL_HOST, STATS_VQ and
+//!    PAGE_REPORTING negotiated, one request at a time (see [`balloon_requests`]), 27
+//!    requests in all:
+//!    - 7 inflate or deflate buffers that are well formed but name page frame numbers
+//!      the device must refuse, one refused number each: 2 beyond RAM (the first page
+//!      after RAM, 0xffffffff), 2 inflated twice (the same page twice in one buffer, then
+//!      once more), 3 deflated but not in the balloon (a page just deflated, a page never
+//!      inflated, 0xffffffff). The one page these inflate is [`BalloonTarget::scratch`];
+//!      between them it is deflated again (not counted), and must then read back zero;
+//!    - 18 malformed chains ([`BALLOON_CHAINS`]): 10 on inflateq, 2 on deflateq, 2 on
+//!      statsq, 4 on reporting_vq;
+//!    - a driver-ring entry naming a descriptor beyond the queue (1);
+//!    - a driver-ring index that jumps by more than the queue size (1; a device error,
+//!      not a malformed chain);
+//!    - then a reset, a normal setup (MUST_TELL_HOST) and one inflate and deflate of the
+//!      scratch page, which must come back zero. The device is left reset for the
+//!      balloon driver;
+//! 6. one line with the number of requests sent.
 //!
 //! The guest works against any conforming device: every answer is only reported, a
 //! chain the device never completes costs [`CASE_TIMEOUT_NS`], and the device is reset
 //! and set up again whenever its queue state is no longer known.
 
+use crate::balloon;
 use crate::disk::{self, Failure};
 use crate::hc;
-use crate::virtio::{self, reg, status, Desc, Mmio, Queue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+use crate::virtio::{self, reg, status, Buf, Desc, Mmio, Queue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 use amsvm_abi::{layout, Progress, HYPERCALL_PORT};
 
 /// Ports no PC device uses.
@@ -60,6 +80,25 @@ pub struct Targets {
     pub unclaimed_free: bool,
     /// The first virtio-blk window and [`disk::AREA_PAGES`] pages for its queue.
     pub blk: Option<(u64, u64)>,
+    /// The first virtio-balloon device, if the balloon driver will use it.
+    pub balloon: Option<BalloonTarget>,
+}
+
+/// The virtio-balloon device chaos mode attacks, and the memory it may use for that.
+pub struct BalloonTarget {
+    /// The device's register window.
+    pub mmio: u64,
+    /// The balloon driver's [`balloon::AREA_PAGES`] reserved pages: chaos mode runs
+    /// before the driver starts, and the driver sets up every page it uses afresh.
+    pub area: u64,
+    /// A page chaos mode owns and the workload never verifies: the first page after the
+    /// idle pages (never touched by the workload), or, when the stamped pages fill the
+    /// free RAM, the driver's statistics page (which the driver fills before using it).
+    /// It is inflated and deflated; nothing else touches it while it is in the balloon.
+    pub scratch: u64,
+    /// Where the buffer of [`TOO_MANY_PFNS`] page frame numbers points: RAM the device
+    /// must not read (the working set, still untouched and zero).
+    pub bulk: u64,
 }
 
 /// Why chaos mode stopped early.
@@ -67,6 +106,8 @@ pub enum ChaosError {
     /// CLOCK did not move forward after the bad hypercalls.
     Clock { first: u64, second: u64 },
     Disk(Failure),
+    /// The balloon could not be set up again, or a normal request on it failed.
+    Balloon(virtio::Error),
 }
 
 impl core::fmt::Display for ChaosError {
@@ -76,6 +117,7 @@ impl core::fmt::Display for ChaosError {
                 write!(f, "CLOCK stopped working after bad hypercalls ({first} then {second} ns)")
             }
             ChaosError::Disk(e) => e.fmt(f),
+            ChaosError::Balloon(e) => write!(f, "balloon: {e}"),
         }
     }
 }
@@ -116,7 +158,6 @@ pub fn run(t: &Targets, partition_id: u32, p: &mut Progress) -> Result<(), Chaos
         sent += registers(&mmio, offered);
         sent += activations(&mmio, area, t.mem_bytes)?;
         sent += chains(&mmio, area, t.mem_bytes)?;
-        println!("chaos: {sent} hostile requests sent");
         if offered & disk::F_RO != 0 {
             println!("chaos: read-only disk, no write check");
         } else {
@@ -124,9 +165,17 @@ pub fn run(t: &Targets, partition_id: u32, p: &mut Progress) -> Result<(), Chaos
             unsafe { disk::run(base, area, CHECK_BLOCKS, partition_id, p) }?;
             println!("chaos: disk works: {} blocks verified, {} failed", p.disk_blocks_verified, p.disk_failures);
         }
-    } else {
-        println!("chaos: {sent} hostile requests sent (no virtio-blk device)");
     }
+
+    if let Some(b) = &t.balloon {
+        // SAFETY: `configure` checked the window and reserved the area for the balloon
+        // driver, which has not started; `scratch` and `bulk` are chaos mode's (see
+        // `BalloonTarget`).
+        let mmio = unsafe { Mmio::new(b.mmio) };
+        sent += balloon_requests(&mmio, b, t.mem_bytes)?;
+        balloon_works(&mmio, b)?;
+    }
+    println!("chaos: {sent} hostile requests sent{}", if t.blk.is_none() { " (no virtio-blk device)" } else { "" });
     Ok(())
 }
 
@@ -535,4 +584,223 @@ fn chains(mmio: &Mmio, area: u64, mem_bytes: u64) -> Result<u32, ChaosError> {
     s.case("ring index jump", &[d(hdr, 16, N, 1), d(data, 4096, N, 2), d(st, 1, W, 0)], 0, jump)?;
     let _ = mmio.reset();
     Ok(n)
+}
+
+/// Balloon feature bits (virtio 1.2 §5.5.3).
+const F_MUST_TELL_HOST: u64 = 1 << 0;
+const F_STATS_VQ: u64 = 1 << 1;
+const F_PAGE_REPORTING: u64 = 1 << 5;
+/// Features chaos mode negotiates with the balloon: every queue exists.
+const BALLOON_FEATURES: u64 = F_MUST_TELL_HOST | F_STATS_VQ | F_PAGE_REPORTING;
+/// The balloon's queues, numbered as [`BALLOON_FEATURES`] make them.
+const INFLATEQ: usize = 0;
+const DEFLATEQ: usize = 1;
+const STATSQ: usize = 2;
+const REPORTQ: usize = 3;
+const PAGE: u64 = 4096;
+/// More page frame numbers than amsvm takes in one inflate or deflate chain (64 Ki).
+const TOO_MANY_PFNS: u32 = 64 * 1024 + 1;
+/// Malformed balloon chains sent by [`balloon_requests`].
+pub const BALLOON_CHAINS: u32 = 18;
+/// How long a normal balloon request may take after the hostile ones.
+const WORKS_TIMEOUT_NS: u64 = 30_000_000_000;
+/// What the scratch page holds before it is inflated, so a page the device kept shows.
+const SCRATCH_FILL: u8 = 0x5c;
+
+/// The balloon, set up with [`BALLOON_FEATURES`] for hostile requests; queue `i` in page
+/// `i` of the area (statsq and reporting_vq only if offered), page frame numbers in
+/// page 4.
+struct BalloonSession<'a> {
+    mmio: &'a Mmio,
+    area: u64,
+    queues: [Option<Queue>; 4],
+}
+
+impl BalloonSession<'_> {
+    fn start(mmio: &Mmio, area: u64) -> Result<BalloonSession<'_>, ChaosError> {
+        let (_, features) = mmio.negotiate(balloon::DEVICE_ID, |_| BALLOON_FEATURES).map_err(ChaosError::Balloon)?;
+        let mut s = BalloonSession { mmio, area, queues: [None, None, None, None] };
+        // Compact numbering: a queue whose feature is missing takes no index.
+        let mut index = 0u16;
+        for (role, feature) in [(INFLATEQ, 0), (DEFLATEQ, 0), (STATSQ, F_STATS_VQ), (REPORTQ, F_PAGE_REPORTING)] {
+            if feature != 0 && features & feature == 0 {
+                continue;
+            }
+            // SAFETY: page `role` < 4 of the area is the queue's (see `BalloonTarget`).
+            let q = unsafe { Queue::setup_index(mmio, index, area + role as u64 * PAGE) }.map_err(ChaosError::Balloon)?;
+            s.queues[role] = Some(q);
+            index += 1;
+        }
+        mmio.driver_ok();
+        Ok(s)
+    }
+
+    fn restart(&mut self) -> Result<(), ChaosError> {
+        self.mmio.reset().map_err(ChaosError::Balloon)?;
+        let s = BalloonSession::start(self.mmio, self.area)?;
+        self.queues = s.queues;
+        Ok(())
+    }
+
+    /// The page of page frame numbers (the second half holds statistics buffers).
+    fn buf(&self) -> u64 {
+        self.area + 4 * PAGE
+    }
+
+    /// Writes `pfns` (at most 512) at the start of the page-number page; returns their
+    /// length in bytes.
+    fn pfns(&self, pfns: &[u32]) -> u32 {
+        for (k, &p) in pfns.iter().enumerate() {
+            // SAFETY: k < 512 le32 entries in the first half of the page (reserved).
+            unsafe { (self.buf() as *mut u32).add(k).write_volatile(p) };
+        }
+        pfns.len() as u32 * 4
+    }
+
+    /// Sends the chain `descs` on queue `which` with `head` in the driver ring and the
+    /// ring index moved on by `advance`, waits for the answer and prints it; returns 1
+    /// (a request sent) or 0 if the queue was not negotiated. The device is set up again
+    /// when its queue state is unknown.
+    fn case(&mut self, which: usize, what: &str, descs: &[Desc], head: u16, advance: u16) -> Result<u32, ChaosError> {
+        let Some(q) = self.queues[which].as_mut() else { return Ok(0) };
+        for (i, d) in descs.iter().enumerate() {
+            q.write_desc(i as u16, *d);
+        }
+        q.publish(self.mmio, head, advance);
+        print!("chaos: balloon {what}: ");
+        let resync = match q.wait_used(self.mmio, hc::clock_ns, CASE_TIMEOUT_NS) {
+            Ok((id, len)) if id == u32::from(head) => {
+                println!("used len {len}");
+                false
+            }
+            Ok((id, _)) => {
+                println!("used id {id}");
+                true
+            }
+            Err(virtio::Error::Timeout) => {
+                println!("no completion");
+                true
+            }
+            Err(virtio::Error::NeedsReset) => {
+                println!("device needs reset (status {:#x})", self.mmio.status());
+                true
+            }
+            Err(e) => return Err(ChaosError::Balloon(e)),
+        };
+        if resync || advance != 1 {
+            self.restart()?;
+        }
+        Ok(1)
+    }
+
+    /// One buffer of the page frame numbers `pfns` on `which`.
+    fn pfn_case(&mut self, which: usize, what: &str, pfns: &[u32]) -> Result<u32, ChaosError> {
+        let len = self.pfns(pfns);
+        self.case(which, what, &[d(self.buf(), len, 0, 0)], 0, 1)
+    }
+}
+
+/// Whether the page at `addr` reads all zero.
+fn page_is_zero(addr: u64) -> bool {
+    // SAFETY: the caller's page (scratch), not in the balloon when this is called.
+    (0..PAGE as usize / 8).all(|k| unsafe { (addr as *const u64).add(k).read_volatile() } == 0)
+}
+
+/// Hostile balloon requests (see the module documentation for the list): returns how
+/// many were sent (27 with every queue). Leaves the device reset.
+fn balloon_requests(mmio: &Mmio, t: &BalloonTarget, mem_bytes: u64) -> Result<u32, ChaosError> {
+    let mut s = BalloonSession::start(mmio, t.area)?;
+    // RAM ends below 4 GiB (layout::MAX_RAM): page numbers fit in 32 bits.
+    let after_ram = (mem_bytes / PAGE) as u32;
+    let scratch = (t.scratch / PAGE) as u32;
+    // A page of the image: never inflated, so only ever deflated.
+    let never = (layout::IMAGE_MIN / PAGE) as u32;
+    let mut n = 0;
+
+    // Page frame numbers the device must refuse, one in each buffer.
+    n += s.pfn_case(INFLATEQ, "inflate of the first page after RAM", &[after_ram])?;
+    n += s.pfn_case(INFLATEQ, "inflate of page 0xffffffff", &[u32::MAX])?;
+    // SAFETY: the scratch page is chaos mode's and not in the balloon.
+    unsafe { crate::rt::fill_bytes(t.scratch as *mut u8, SCRATCH_FILL, PAGE as usize) };
+    n += s.pfn_case(INFLATEQ, "inflate of one page twice in one buffer", &[scratch, scratch])?;
+    n += s.pfn_case(INFLATEQ, "inflate of a page in the balloon", &[scratch])?;
+    // Not hostile: the page goes back (MUST_TELL_HOST: usable once the buffer is back).
+    let len = s.pfns(&[scratch]);
+    s.case(DEFLATEQ, "deflate of that page (valid)", &[d(s.buf(), len, 0, 0)], 0, 1)?;
+    println!("chaos: balloon scratch page after deflate: {}", if page_is_zero(t.scratch) { "reads zero" } else { "holds data" });
+    n += s.pfn_case(DEFLATEQ, "deflate of a page deflated already", &[scratch])?;
+    n += s.pfn_case(DEFLATEQ, "deflate of a page never inflated", &[never])?;
+    n += s.pfn_case(DEFLATEQ, "deflate of page 0xffffffff", &[u32::MAX])?;
+
+    // Malformed chains. The page-number page names the scratch page, so a chain the
+    // device takes anyway shows as a loan.
+    let len = s.pfns(&[scratch]);
+    let (buf, stats) = (s.buf(), s.buf() + PAGE / 2);
+    const N: u16 = DESC_F_NEXT;
+    const W: u16 = DESC_F_WRITE;
+    let mut c = 0;
+    let mut chain = |s: &mut BalloonSession, which: usize, what: &str, descs: &[Desc]| {
+        c += 1;
+        s.case(which, what, descs, 0, 1)
+    };
+    n += chain(&mut s, INFLATEQ, "inflate buffer device-writable", &[d(buf, len, W, 0)])?;
+    n += chain(&mut s, INFLATEQ, "inflate buffer of 7 bytes", &[d(buf, 7, 0, 0)])?;
+    n += chain(&mut s, INFLATEQ, "inflate buffer across the end of RAM", &[d(mem_bytes - 4, 8, 0, 0)])?;
+    n += chain(&mut s, INFLATEQ, "inflate buffer outside RAM", &[d(FAR_AWAY, len, 0, 0)])?;
+    n += chain(&mut s, INFLATEQ, "inflate buffer of 0xfffffffc bytes", &[d(buf, 0xffff_fffc, 0, 0)])?;
+    n += chain(&mut s, INFLATEQ, "inflate chain readable then writable", &[d(buf, len, N, 1), d(buf, len, W, 0)])?;
+    n += chain(&mut s, INFLATEQ, "inflate chain looping on itself", &[d(buf, len, N, 0)])?;
+    n += chain(&mut s, INFLATEQ, "inflate chain with next beyond the queue", &[d(buf, len, N, 0xfff0)])?;
+    n += chain(&mut s, INFLATEQ, "inflate indirect table outside RAM", &[d(FAR_AWAY, 64, DESC_F_INDIRECT, 0)])?;
+    n += chain(&mut s, INFLATEQ, "inflate of 65537 page numbers", &[d(t.bulk, TOO_MANY_PFNS * 4, 0, 0)])?;
+    n += chain(&mut s, DEFLATEQ, "deflate buffer device-writable", &[d(buf, len, W, 0)])?;
+    n += chain(&mut s, DEFLATEQ, "deflate buffer of 2 bytes", &[d(buf, 2, 0, 0)])?;
+    n += chain(&mut s, STATSQ, "statistics buffer of 11 bytes", &[d(stats, 11, 0, 0)])?;
+    n += chain(&mut s, STATSQ, "statistics buffer device-writable", &[d(stats, 80, W, 0)])?;
+    // Free page reports cover only the page-number page (and, misaligned, half the next
+    // reserved page), so a report the device takes anyway costs nothing.
+    n += chain(&mut s, REPORTQ, "report at an unaligned address", &[d(buf + PAGE / 2, PAGE as u32, W, 0)])?;
+    n += chain(&mut s, REPORTQ, "report device-readable", &[d(buf, PAGE as u32, 0, 0)])?;
+    n += chain(&mut s, REPORTQ, "report of 100 bytes", &[d(buf, 100, W, 0)])?;
+    n += chain(&mut s, REPORTQ, "report beyond RAM", &[d(mem_bytes, PAGE as u32, W, 0)])?;
+    debug_assert_eq!(c, BALLOON_CHAINS);
+
+    // A driver-ring entry naming a descriptor the queue does not have.
+    n += s.case(INFLATEQ, "head beyond the queue", &[d(buf, len, 0, 0)], 100, 1)?;
+    // The driver-ring index jumps by more than the queue size.
+    let jump = s.queues[INFLATEQ].as_ref().map_or(0, |q| q.size()) + 100;
+    n += s.case(INFLATEQ, "ring index jump", &[d(buf, len, 0, 0)], 0, jump)?;
+    mmio.reset().map_err(ChaosError::Balloon)?;
+    Ok(n)
+}
+
+/// After the hostile requests: set the balloon up as a normal driver would
+/// (MUST_TELL_HOST), inflate the scratch page and deflate it, and report whether it came
+/// back zero (the device discarded it). Leaves the device reset.
+fn balloon_works(mmio: &Mmio, t: &BalloonTarget) -> Result<(), ChaosError> {
+    let e = ChaosError::Balloon;
+    mmio.negotiate(balloon::DEVICE_ID, |_| F_MUST_TELL_HOST).map_err(e)?;
+    // SAFETY: pages 0 and 1 of the area (see `BalloonTarget`).
+    let mut inflate = unsafe { Queue::setup_index(mmio, 0, t.area) }.map_err(e)?;
+    // SAFETY: as above.
+    let mut deflate = unsafe { Queue::setup_index(mmio, 1, t.area + PAGE) }.map_err(e)?;
+    mmio.driver_ok();
+    let buf = t.area + 4 * PAGE;
+    // SAFETY: the first entry of the page-number page; the scratch page is chaos mode's
+    // and not in the balloon (the device was reset).
+    unsafe {
+        (buf as *mut u32).write_volatile((t.scratch / PAGE) as u32);
+        crate::rt::fill_bytes(t.scratch as *mut u8, SCRATCH_FILL, PAGE as usize);
+    }
+    let b = [Buf { addr: buf, len: 4, device_writes: false }];
+    inflate.request(mmio, &b, hc::clock_ns, WORKS_TIMEOUT_NS).map_err(e)?;
+    deflate.request(mmio, &b, hc::clock_ns, WORKS_TIMEOUT_NS).map_err(e)?;
+    let zero = page_is_zero(t.scratch);
+    mmio.reset().map_err(e)?;
+    println!(
+        "chaos: balloon works: page {:#x} inflated and deflated, {}",
+        t.scratch,
+        if zero { "came back zero" } else { "kept its contents" }
+    );
+    Ok(())
 }

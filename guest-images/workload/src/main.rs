@@ -590,6 +590,16 @@ fn configure(bi_ptr: *const BootInfo) -> Plan {
                     .find(|&a| !claimed(a)),
                 unclaimed_free: !claimed(chaos::UNCLAIMED_MMIO),
                 blk: disk.map(|mmio| (mmio, disk_area)),
+                // The balloon driver's device and pages, before the driver starts.
+                balloon: balloon.map(|mmio| {
+                    let after_stamped = ws_base + stamped * PAGE;
+                    chaos::BalloonTarget {
+                        mmio,
+                        area: balloon_area,
+                        scratch: if after_stamped < free_end { after_stamped } else { balloon_area + 5 * PAGE },
+                        bulk: ws_base,
+                    }
+                }),
             }
         }),
         report_every,

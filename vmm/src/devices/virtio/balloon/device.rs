@@ -165,6 +165,9 @@ impl VirtioBalloon {
             if d.is_write_only() != writable {
                 return Err(if writable { "a device-readable descriptor in a reporting chain" } else { "a device-writable descriptor" });
             }
+            if len == 0 {
+                return Err("an empty buffer");
+            }
             if len % unit != 0 {
                 return Err("a length that is not a whole number of entries");
             }
@@ -281,6 +284,10 @@ impl VirtioBalloon {
             Role::Reporting => (true, 1 << PFN_SHIFT),
         };
         let bufs = match Self::walk(chain, mem, writable, unit) {
+            Ok(b) if role == Role::Stats && b.iter().map(|d| d.1).sum::<u64>() > super::MAX_STATS_BYTES => {
+                self.reject_chain("a statistics buffer larger than 64 entries");
+                return true;
+            }
             Ok(b) => b,
             Err(why) => {
                 self.reject_chain(why);
@@ -406,7 +413,11 @@ impl VirtioDevice for VirtioBalloon {
     fn process_queue(&mut self, index: usize) -> Result<(), VirtioError> {
         let Some(a) = self.active.as_mut() else { return Ok(()) };
         let Some((role, q)) = a.queues.get(index) else {
-            return Err(VirtioError::InvalidQueue { device: NAME, queue: index, reason: "no such queue".into() });
+            // A queue the transport has but the negotiated features do not create:
+            // rejected and counted, the device goes on.
+            let n = self.state.bad_notifications.fetch_add(1, Relaxed);
+            guest_caused_warning(n, format_args!("{NAME}: notification of queue {index}, which the negotiated features do not create"));
+            return Ok(());
         };
         if !q.ready() {
             return Ok(());

@@ -46,6 +46,9 @@ pub const MAX_CHAIN_DESCRIPTORS: usize = QUEUE_SIZE as usize;
 /// the work one notification can cause.
 pub const MAX_PFNS_PER_CHAIN: usize = 64 * 1024;
 
+/// Largest statistics buffer accepted: 64 entries (Linux sends about ten).
+pub const MAX_STATS_BYTES: u64 = 64 * 10;
+
 /// Statistics tags (virtio 1.2, 5.5.6.3).
 pub mod tag {
     pub const SWAP_IN: u16 = 0;
@@ -139,12 +142,14 @@ pub struct BalloonState {
     pub rejected_out_of_range: AtomicU64,
     pub rejected_duplicate: AtomicU64,
     pub rejected_not_inflated: AtomicU64,
-    /// Rejected chains: wrong direction, a length that is not a whole number of
-    /// entries, outside guest memory, too long, a reported range not page aligned, or a
-    /// broken chain.
+    /// Rejected chains: wrong direction, an empty buffer, a length that is not a whole
+    /// number of entries, outside guest memory, too long (descriptors, page numbers or
+    /// statistics bytes), a reported range not page aligned, or a broken chain.
     pub rejected_chains: AtomicU64,
     /// Available-ring entries naming a descriptor beyond the queue size.
     pub invalid_heads: AtomicU64,
+    /// Notifications of a queue the negotiated features do not create.
+    pub bad_notifications: AtomicU64,
 }
 
 impl Default for BalloonState {
@@ -167,6 +172,7 @@ impl Default for BalloonState {
             rejected_not_inflated: AtomicU64::new(0),
             rejected_chains: AtomicU64::new(0),
             invalid_heads: AtomicU64::new(0),
+            bad_notifications: AtomicU64::new(0),
         }
     }
 }
@@ -179,7 +185,7 @@ impl BalloonState {
 
     /// Every counter with its name, for text, JSON and Prometheus output.
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        let all: [(&'static str, &AtomicU64); 15] = [
+        let all: [(&'static str, &AtomicU64); 16] = [
             ("target", &self.target),
             ("actual", &self.actual),
             ("loaned", &self.loaned),
@@ -194,6 +200,7 @@ impl BalloonState {
             ("rejected_not_inflated", &self.rejected_not_inflated),
             ("rejected_chains", &self.rejected_chains),
             ("invalid_heads", &self.invalid_heads),
+            ("bad_notifications", &self.bad_notifications),
             ("stats_updates", &AtomicU64::new(self.stats.lock().unwrap_or_else(|e| e.into_inner()).updates)),
         ];
         all.iter().map(|(n, c)| (*n, c.load(Relaxed))).collect()
@@ -211,6 +218,7 @@ impl crate::metrics::DeviceCounters for BalloonState {
             + self.rejected_not_inflated.load(Relaxed)
             + self.rejected_chains.load(Relaxed)
             + self.invalid_heads.load(Relaxed)
+            + self.bad_notifications.load(Relaxed)
     }
 }
 

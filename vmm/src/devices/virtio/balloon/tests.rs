@@ -256,10 +256,27 @@ fn config_space_target_actual_and_reset() {
 }
 
 #[test]
-fn notifications_for_queues_that_do_not_exist_are_errors() {
+fn notifications_for_queues_that_do_not_exist_are_counted() {
     let m = mem();
     let mut d = start(&m, 0);
     // Without STATS_VQ and PAGE_REPORTING only queues 0 and 1 exist.
-    assert!(d.dev.process_queue(2).is_err());
-    assert!(d.dev.process_queue(7).is_err());
+    assert!(d.dev.process_queue(2).is_ok());
+    assert!(d.dev.process_queue(7).is_ok());
+    assert_eq!(d.state().bad_notifications.load(Relaxed), 2);
+    assert_eq!(crate::metrics::DeviceCounters::rejected(&*d.state()), 2);
+    d.send(0, &[1]);
+    assert_eq!(d.state().loaned.load(Relaxed), 1, "the device goes on");
+}
+
+#[test]
+fn oversized_statistics_and_empty_buffers_are_rejected() {
+    let m = mem();
+    let mut d = start(&m, 1 << F_STATS_VQ);
+    d.submit(2, &[(BUF, 40 << 20, false)]);
+    d.dev.process_queue(2).unwrap();
+    assert_eq!(d.used_idx(2), 1, "returned, not kept");
+    assert_eq!(d.state().guest_stats().updates, 0);
+    d.submit(0, &[(0x1_0000_0000_0000, 0, false)]);
+    d.dev.process_queue(0).unwrap();
+    assert_eq!(d.state().rejected_chains.load(Relaxed), 2);
 }
