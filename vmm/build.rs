@@ -1,9 +1,10 @@
-//! Builds the guest images that ship inside amsvm: today the workload unikernel in
-//! `guest-images/workload`. It is a `no_std`, `no_main` program for the host target,
-//! linked as a static non-PIE ELF, so it cannot be a normal dependency: it is built by a
-//! nested `cargo build --release` with its own target directory (under OUT_DIR, so it
-//! never waits on the lock of the outer build's target directory) and a clean
-//! environment. Its path is exported as `AMSVM_WORKLOAD_ELF` for `src/images.rs`.
+//! Builds the guest images that ship inside amsvm: the workload unikernel in
+//! `guest-images/workload` and the paging server in `guest-images/paging-server`. Each
+//! is a `no_std`, `no_main` program for the host target, linked as a static non-PIE ELF,
+//! so it cannot be a normal dependency: it is built by a nested `cargo build --release`
+//! with its own target directory (under OUT_DIR, so it never waits on the lock of the
+//! outer build's target directory) and a clean environment. Their paths are exported as
+//! `AMSVM_WORKLOAD_ELF` and `AMSVM_PAGING_SERVER_ELF` for `src/images.rs`.
 
 use std::env;
 use std::ffi::OsString;
@@ -21,26 +22,25 @@ fn main() {
     let root = manifest_dir.parent().expect("vmm/ lives in the workspace root").to_path_buf();
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let workload = root.join("guest-images").join("workload");
+    let server = root.join("guest-images").join("paging-server");
 
     println!("cargo:rerun-if-changed=build.rs");
-    for p in [
-        workload.join("src"),
-        workload.join("Cargo.toml"),
-        workload.join("Cargo.lock"),
-        workload.join("build.rs"),
-        workload.join("link.ld"),
-        workload.join(".cargo"),
-        root.join("abi").join("src"),
-        root.join("abi").join("Cargo.toml"),
-    ] {
+    for dir in [&workload, &server] {
+        for f in ["src", "Cargo.toml", "Cargo.lock", "build.rs", "link.ld", ".cargo"] {
+            println!("cargo:rerun-if-changed={}", dir.join(f).display());
+        }
+    }
+    for p in [root.join("abi").join("src"), root.join("abi").join("Cargo.toml"), root.join("paging-server").join("src")] {
         println!("cargo:rerun-if-changed={}", p.display());
     }
 
-    let elf = build_workload(&workload, &out_dir.join("guest-images"));
+    let elf = build_image("workload", &workload, &out_dir.join("guest-images"));
     println!("cargo:rustc-env=AMSVM_WORKLOAD_ELF={}", elf.display());
+    let elf = build_image("paging-server", &server, &out_dir.join("guest-images-server"));
+    println!("cargo:rustc-env=AMSVM_PAGING_SERVER_ELF={}", elf.display());
 }
 
-fn build_workload(dir: &Path, target_dir: &Path) -> PathBuf {
+fn build_image(name: &str, dir: &Path, target_dir: &Path) -> PathBuf {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(dir)
@@ -69,21 +69,17 @@ fn build_workload(dir: &Path, target_dir: &Path) -> PathBuf {
     if !output.status.success() {
         eprintln!("{stderr}");
         eprintln!("{}", String::from_utf8_lossy(&output.stdout));
-        fail(&format!(
-            "building the workload image in {} failed ({}); its compiler output is above",
-            dir.display(),
-            output.status
-        ));
+        fail(&format!("building the {name} image in {} failed ({}); its compiler output is above", dir.display(), output.status));
     }
     // Surface the workload's own warnings, which would otherwise stay hidden.
     for line in stderr.lines() {
         if line.starts_with("warning") || line.trim_start().starts_with("-->") {
-            println!("cargo:warning=workload: {line}");
+            println!("cargo:warning={name}: {line}");
         }
     }
-    let elf = target_dir.join(TARGET).join("release").join("workload");
+    let elf = target_dir.join(TARGET).join("release").join(name);
     if !elf.is_file() {
-        fail(&format!("the workload build succeeded but {} is missing", elf.display()));
+        fail(&format!("the {name} build succeeded but {} is missing", elf.display()));
     }
     elf
 }

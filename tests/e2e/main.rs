@@ -7,6 +7,7 @@ mod chaos;
 mod common;
 mod disk;
 mod lifecycle;
+mod paging_server;
 mod partitions;
 mod pool;
 mod pool_faults;

@@ -6,8 +6,18 @@ const MIB: u64 = 1 << 20;
 
 #[test]
 fn four_partitions_at_2x_overcommit_verify_every_page_within_the_pool() {
+    overcommit_2x("local");
+}
+
+/// The same with paging delegated to the paging-server VM.
+#[test]
+fn four_partitions_at_2x_overcommit_through_the_paging_server() {
+    overcommit_2x("vm");
+}
+
+fn overcommit_2x(backend: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = String::from("log_dir = \"logs\"\n[pool]\nsize_mib = 512\n");
+    let mut cfg = format!("log_dir = \"logs\"\n[pool]\nsize_mib = 512\n[paging]\nbackend = \"{backend}\"\n");
     for i in 0..4 {
         cfg += &format!(
             "[[partition]]\nname = \"p{i}\"\nlogical_mib = 256\nimage = \"workload\"\n\

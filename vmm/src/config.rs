@@ -54,6 +54,9 @@ pub struct Config {
     /// The shared memory pool. Without it every partition has private RAM.
     #[serde(default)]
     pub pool: Option<PoolConfig>,
+    /// Where hypervisor paging goes (with a pool).
+    #[serde(default)]
+    pub paging: Option<PagingConfig>,
     #[serde(default, rename = "partition")]
     pub partitions: Vec<PartitionConfig>,
 }
@@ -70,11 +73,30 @@ pub struct PoolConfig {
     pub paging_dir: Option<PathBuf>,
 }
 
+/// `[paging]`: the paging backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PagingConfig {
+    /// "local": an in-process store, one file per partition (the default); "vm": the
+    /// paging-server VM, one virtio-blk paging device per partition (`docs/vasi.md`).
+    #[serde(default)]
+    pub backend: PagingBackend,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PagingBackend {
+    #[default]
+    Local,
+    Vm,
+}
+
 /// A validated pool.
 #[derive(Debug, Clone)]
 pub struct PoolSpec {
     pub size_bytes: u64,
     pub paging_dir: PathBuf,
+    pub backend: PagingBackend,
     /// Measurement only (`amsvm bench pool`): serve faults with the bare userfaultfd
     /// round trip, no budget. Never set from a config file.
     pub raw_uffd: bool,
@@ -245,9 +267,21 @@ pub enum BootConfig {
     Linux { kernel: PathBuf, initrd: Option<PathBuf>, cmdline: String },
 }
 
+/// What a partition is for.
+#[derive(Debug, Clone, Default)]
+pub enum PartitionRole {
+    /// A guest of the user's.
+    #[default]
+    Guest,
+    /// The paging-server VM: its devices are the VASI device of this channel and its
+    /// `disks` (the paging devices), all handled on its vCPU's exits.
+    PagingServer(std::sync::Arc<crate::devices::virtio::vasi::Channel>),
+}
+
 /// A validated partition, with paths resolved.
 #[derive(Debug, Clone)]
 pub struct PartitionSpec {
+    pub role: PartitionRole,
     pub id: u32,
     pub name: String,
     pub mem_bytes: u64,
@@ -308,7 +342,12 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
 impl Config {
     /// The validated pool, if the config has one (`base`: the config's directory).
     pub fn pool_spec(&self, origin: &str, base: &Path, specs: &[PartitionSpec]) -> Result<Option<PoolSpec>, ConfigError> {
-        let Some(pool) = &self.pool else { return Ok(None) };
+        let Some(pool) = &self.pool else {
+            if self.paging.is_some() {
+                return err(format!("{origin}: [paging] only applies with a [pool]"));
+            }
+            return Ok(None);
+        };
         let what = format!("{origin}: [pool] size_mib");
         let size_bytes = check_mem_mib(&what, pool.size_mib, u64::MAX)?;
         let sum_min: u64 = specs.iter().map(|s| s.min_bytes).sum();
@@ -330,7 +369,15 @@ impl Config {
         }
         let dir = pool.paging_dir.clone().unwrap_or_else(|| PathBuf::from("paging"));
         let paging_dir = if dir.is_absolute() { dir } else { base.join(dir) };
-        Ok(Some(PoolSpec { size_bytes, paging_dir, raw_uffd: false }))
+        let backend = self.paging.as_ref().map_or(PagingBackend::Local, |p| p.backend);
+        if backend == PagingBackend::Vm && specs.len() > paging_server::vasi::MAX_DEVICES {
+            return err(format!(
+                "{origin}: [paging] backend = \"vm\": the paging server serves at most {} partitions, the config has {}",
+                paging_server::vasi::MAX_DEVICES,
+                specs.len()
+            ));
+        }
+        Ok(Some(PoolSpec { size_bytes, paging_dir, backend, raw_uffd: false }))
     }
 
     pub fn from_file(path: &Path) -> Result<Setup, ConfigError> {
@@ -417,6 +464,7 @@ impl Config {
                 .map(|d| DiskConfig { path: resolve(&d.path), ..d.clone() })
                 .collect();
             specs.push(PartitionSpec {
+                role: PartitionRole::Guest,
                 id: i as u32,
                 name: p.name.clone(),
                 mem_bytes,

@@ -1,4 +1,4 @@
-//! Guest images built together with amsvm (the workload unikernel).
+//! Guest images built together with amsvm (the workload unikernel and the paging server).
 //!
 //! `build.rs` builds `guest-images/workload` and exports the path of the ELF; the bytes
 //! are embedded here, so the `amsvm` binary carries its workload image. The tests below
@@ -10,6 +10,11 @@
 /// `amsvm_abi`. See `docs/workload.md`.
 pub fn workload_elf() -> &'static [u8] {
     include_bytes!(env!("AMSVM_WORKLOAD_ELF"))
+}
+
+/// The paging-server unikernel (`guest-images/paging-server`, `docs/vasi.md`).
+pub fn paging_server_elf() -> &'static [u8] {
+    include_bytes!(env!("AMSVM_PAGING_SERVER_ELF"))
 }
 
 /// Where `build.rs` left the workload ELF (in this build's OUT_DIR), for tools and tests
@@ -102,7 +107,17 @@ mod tests {
 
     #[test]
     fn workload_is_a_static_elf64_x86_64_executable_above_image_min() {
-        let elf = workload_elf();
+        check_native_shape(workload_elf());
+    }
+
+    #[test]
+    fn paging_server_is_a_static_elf64_x86_64_executable_above_image_min() {
+        check_native_shape(paging_server_elf());
+    }
+
+    /// A native image (docs/native-abi.md): static ELF64 x86-64 `ET_EXEC`, every segment
+    /// at or above IMAGE_MIN, nothing for a dynamic loader.
+    fn check_native_shape(elf: &[u8]) {
         assert!(elf.len() > 64, "image of {} bytes", elf.len());
         assert_eq!(&elf[..4], b"\x7fELF", "ELF magic");
         assert_eq!(elf[4], 2, "ELFCLASS64");

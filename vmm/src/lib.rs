@@ -11,6 +11,7 @@ pub mod images;
 pub mod kvm;
 pub mod metrics;
 pub mod pager;
+pub mod paging_server;
 pub mod partition;
 pub mod pool;
 

@@ -13,12 +13,13 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{BootConfig, PartitionSpec};
+use crate::config::{PartitionRole, BootConfig, PartitionSpec};
 use crate::devices::cmos;
 use crate::devices::power::{self, AcpiPower, PowerEvent, PowerSink, ResetControl, I8042};
 use crate::devices::serial::{ConsoleOut, SerialDevice, COM1_GSI, COM1_PORT};
 use crate::devices::virtio::balloon::{BalloonHandle, VirtioBalloon};
 use crate::devices::virtio::blk::VirtioBlock;
+use crate::devices::virtio::vasi::VasiDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::Bus;
 use crate::kvm::vcpu::{self, BootKind, VcpuContext};
@@ -171,6 +172,8 @@ pub struct PoolContext {
     pub pool: Arc<Pool>,
     /// Where each partition's paging store file goes.
     pub paging_dir: PathBuf,
+    /// The paging-server VM, with `[paging] backend = "vm"`.
+    pub server: Option<Arc<crate::paging_server::PagingServer>>,
 }
 
 /// The virtio-mmio slot of device `i`.
@@ -217,6 +220,9 @@ impl Partition {
             BootConfig::Linux { .. } => BootKind::Linux,
         };
         let native_image = match &spec.boot {
+            _ if matches!(spec.role, PartitionRole::PagingServer(_)) => {
+                Some((PathBuf::from("<built-in paging server>"), crate::images::paging_server_elf().to_vec()))
+            }
             BootConfig::Native { image: Some(p), .. } => Some((p.clone(), read_file(p, "image")?)),
             BootConfig::Native { image: None, .. } => Some((PathBuf::from("<built-in workload>"), workload_image.to_vec())),
             BootConfig::Linux { .. } => None,
@@ -229,8 +235,13 @@ impl Partition {
         let pool = match pool {
             None => None,
             Some(ctx) => {
-                let file = spec.paging_file.clone().unwrap_or_else(|| ctx.paging_dir.join(format!("{}.pages", spec.name)));
-                let store = LocalStore::create(&file).map_err(|e| Error::Other(format!("paging store: {e}")))?;
+                let pager: Arc<dyn crate::pager::Pager> = match &ctx.server {
+                    Some(server) => Arc::new(server.pager(spec)),
+                    None => {
+                        let file = spec.paging_file.clone().unwrap_or_else(|| ctx.paging_dir.join(format!("{}.pages", spec.name)));
+                        Arc::new(LocalStore::create(&file).map_err(|e| Error::Other(format!("paging store: {e}")))?)
+                    }
+                };
                 let (base, len) = crate::kvm::memory::host_ranges(&mem)[0];
                 let sh = shared.clone();
                 let on_pause: PauseSink = Box::new(move |why| sh.finish(Outcome::Paused(why)));
@@ -242,7 +253,7 @@ impl Partition {
                     spec.min_bytes,
                     spec.weight,
                     spec.loan_policy,
-                    Arc::new(store),
+                    pager,
                     shared.metrics.clone(),
                     on_pause,
                     home,
@@ -296,18 +307,40 @@ impl Partition {
             .map_err(bus_err)?;
 
         let mut devices = Vec::new();
+        // The paging server: its VASI device first, its disks (the paging devices) after
+        // it, every queue notification handled on its vCPU's exit.
+        let inline = if let PartitionRole::PagingServer(channel) = &spec.role {
+            let (base, gsi) = device_slot(0);
+            let t = MmioTransport::new_inline(Box::new(VasiDevice::new(channel.clone())), mem.clone(), &vm, base, gsi)
+                .map_err(|e| Error::Device(format!("paging server: VASI device: {e}")))?;
+            shared.metrics.add_device(channel.metrics.clone());
+            shared.metrics.add_device(t.metrics());
+            let t = Arc::new(Mutex::new(t));
+            mmio.insert(base, layout::MMIO_SIZE, t.clone()).map_err(bus_err)?;
+            channel.attach_server(mem.clone(), &t, &shared);
+            devices.push(DeviceInfo { mmio_base: base, mmio_size: layout::MMIO_SIZE, device_id: paging_server::vasi::DEVICE_ID, irq: gsi });
+            true
+        } else {
+            false
+        };
         for (i, d) in spec.disks.iter().enumerate() {
-            let (base, gsi) = device_slot(i);
+            let (base, gsi) = device_slot(devices.len());
             let id = format!("{}-disk{i}", spec.name);
             let blk = VirtioBlock::new(&d.path, d.read_only, &id)
                 .map_err(|e| Error::Device(format!("partition \"{}\": disk {}: {e}", spec.name, d.path.display())))?;
             shared.metrics.add_device(blk.metrics());
-            let t = MmioTransport::new(Box::new(blk), mem.clone(), &vm, base, gsi)
-                .map_err(|e| Error::Device(format!("partition \"{}\": virtio-mmio for disk {i}: {e}", spec.name)))?;
+            let t = if inline {
+                MmioTransport::new_inline(Box::new(blk), mem.clone(), &vm, base, gsi)
+            } else {
+                MmioTransport::new(Box::new(blk), mem.clone(), &vm, base, gsi)
+            }
+            .map_err(|e| Error::Device(format!("partition \"{}\": virtio-mmio for disk {i}: {e}", spec.name)))?;
             shared.metrics.add_device(t.metrics());
             let t = Arc::new(Mutex::new(t));
             mmio.insert(base, layout::MMIO_SIZE, t.clone()).map_err(bus_err)?;
-            event_manager.add_subscriber(t);
+            if !inline {
+                event_manager.add_subscriber(t);
+            }
             devices.push(DeviceInfo { mmio_base: base, mmio_size: layout::MMIO_SIZE, device_id: 2, irq: gsi });
         }
         // A partition in a pool has a virtio-balloon: the cooperative path of the pool.

@@ -57,6 +57,16 @@ pub fn clock_ns() -> u64 {
     ret(0)
 }
 
+/// Blocks until an event arrives for the partition or `timeout_ns` pass (amsvm waits
+/// 100 ms at most); true if an event woke it. (Used by the paging server, which shares
+/// this file.)
+#[allow(dead_code)]
+pub fn wait(timeout_ns: u64) -> bool {
+    set_arg(0, timeout_ns);
+    call(hc::WAIT);
+    ret(0) == 1
+}
+
 /// Ends the partition with `status` and `p` as the final counters.
 pub fn exit(status: u64, p: &Progress) -> ! {
     set_progress(p);

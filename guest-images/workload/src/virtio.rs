@@ -1,7 +1,10 @@
 //! A minimal, polling virtio 1.x driver core: the virtio-mmio transport (version 2
 //! register layout) and split virtqueues (one page each), driven from CPL3 without
-//! interrupts. Each queue has one request in flight at a time, so its chain always
-//! starts at descriptor 0; a device may have several such queues.
+//! interrupts. The workload keeps one request in flight per queue, so its chain always
+//! starts at descriptor 0 ([`Queue::submit`], [`Queue::request`]); a device may have
+//! several such queues. A driver with several chains in flight (the paging server, which
+//! shares this file) places them itself with [`Queue::write_desc`], [`Queue::push`] and
+//! [`Queue::notify`].
 
 use core::sync::atomic::{fence, Ordering};
 
@@ -123,7 +126,7 @@ impl Mmio {
     /// # Safety
     /// `base` must be an identity-mapped virtio-mmio window of at least [`MIN_WINDOW`]
     /// bytes.
-    pub unsafe fn new(base: u64) -> Self {
+    pub const unsafe fn new(base: u64) -> Self {
         Mmio { base }
     }
 
@@ -278,6 +281,13 @@ pub struct Queue {
 }
 
 impl Queue {
+    /// A queue that is not set up (size 0): a placeholder for driver state built in
+    /// place in a `static` (the paging server keeps its devices so, because moving them
+    /// would be an out-of-line `memcpy`, see docs/workload.md). Set it up with
+    /// [`Queue::setup_sized`] before any other use.
+    #[allow(dead_code)]
+    pub const UNSET: Queue = Queue { mem: 0, index: 0, size: 0, next_avail: 0, last_used: 0 };
+
     /// Sets up queue 0 in the page at `mem` (zeroed here) and makes it ready. Call
     /// between FEATURES_OK and DRIVER_OK.
     ///
@@ -295,6 +305,17 @@ impl Queue {
     /// `mem` must be a page-aligned, identity-mapped page of guest RAM that nothing else
     /// uses while the device is live.
     pub unsafe fn setup_index(mmio: &Mmio, index: u16, mem: u64) -> Result<Self, Error> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { Self::setup_sized(mmio, index, mem, QUEUE_SIZE) }
+    }
+
+    /// As [`Queue::setup_index`], with up to `want` descriptors (a power of two, at most
+    /// 64) instead of [`QUEUE_SIZE`].
+    ///
+    /// # Safety
+    /// As for [`Queue::setup_index`].
+    pub unsafe fn setup_sized(mmio: &Mmio, index: u16, mem: u64, want: u16) -> Result<Self, Error> {
+        debug_assert!(want.is_power_of_two() && want <= 64);
         mmio.write(reg::QUEUE_SEL, index as u32);
         if mmio.read(reg::QUEUE_READY) != 0 {
             return Err(Error::BadQueue(index, mmio.read(reg::QUEUE_READY)));
@@ -304,7 +325,7 @@ impl Queue {
             return Err(Error::BadQueue(index, max));
         }
         // A power of two no larger than the device's maximum.
-        let mut size = QUEUE_SIZE;
+        let mut size = want;
         while size as u32 > max {
             size /= 2;
         }
@@ -371,14 +392,26 @@ impl Queue {
     /// Puts `head` in the next driver-ring slot, moves the ring index on by `advance`
     /// (1 for a well-formed driver) and notifies the queue.
     pub fn publish(&mut self, mmio: &Mmio, head: u16, advance: u16) {
+        self.push(head, advance);
+        self.notify(mmio);
+    }
+
+    /// Puts `head` in the next driver-ring slot and moves the ring index on by `advance`
+    /// (1 for a well-formed driver), without notifying the device.
+    pub fn push(&mut self, head: u16, advance: u16) {
         let slot = self.next_avail % self.size;
         // SAFETY: ring[slot] of the driver ring (flags u16, idx u16, ring[size] u16).
         unsafe { ((self.mem + AVAIL_OFFSET + 4) as *mut u16).add(slot as usize).write_volatile(head) };
         self.next_avail = self.next_avail.wrapping_add(advance);
-        // Descriptors and ring entry before the index; the index before the notify.
+        // Descriptors and ring entry before the index.
         fence(Ordering::SeqCst);
         // SAFETY: the driver ring's idx field.
         unsafe { ((self.mem + AVAIL_OFFSET + 2) as *mut u16).write_volatile(self.next_avail) };
+    }
+
+    /// Notifies the device that the queue has new buffers.
+    pub fn notify(&self, mmio: &Mmio) {
+        // The index before the notify.
         fence(Ordering::SeqCst);
         mmio.write(reg::QUEUE_NOTIFY, self.index as u32);
     }

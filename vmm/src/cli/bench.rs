@@ -90,6 +90,7 @@ fn mono_ns() -> u64 {
 /// benches start them (no disk, no console, default pool settings).
 pub(super) fn workload_spec(id: u32, name: String, mem_bytes: u64, w: WorkloadParams) -> PartitionSpec {
     PartitionSpec {
+        role: crate::config::PartitionRole::Guest,
         id,
         name,
         mem_bytes,

@@ -13,7 +13,7 @@ use clap::Args;
 
 use super::run::{run_specs, success, Control};
 use super::{EXIT_BAD_INPUT, EXIT_GUEST_FAILED};
-use crate::config::{BootConfig, LoanPolicy, PartitionSpec, PoolSpec};
+use crate::config::{BootConfig, LoanPolicy, PagingBackend, PartitionSpec, PoolSpec};
 use crate::partition::Report;
 
 #[derive(Args, Debug)]
@@ -40,6 +40,9 @@ pub struct PoolBenchArgs {
     /// controller and swapon).
     #[arg(long)]
     no_baseline: bool,
+    /// Skip the paging-server (VM backend) runs.
+    #[arg(long)]
+    no_vm: bool,
 }
 
 const MIB: u64 = 1 << 20;
@@ -57,7 +60,11 @@ fn run(specs: &[PartitionSpec], pool: Option<&PoolSpec>) -> Result<Vec<Report>, 
 }
 
 fn pool_spec(dir: &Path, size_mib: u64, raw: bool) -> PoolSpec {
-    PoolSpec { size_bytes: size_mib * MIB, paging_dir: dir.join("paging"), raw_uffd: raw }
+    PoolSpec { size_bytes: size_mib * MIB, paging_dir: dir.join("paging"), backend: PagingBackend::Local, raw_uffd: raw }
+}
+
+fn vm_pool_spec(dir: &Path, size_mib: u64) -> PoolSpec {
+    PoolSpec { backend: PagingBackend::Vm, ..pool_spec(dir, size_mib, false) }
 }
 
 /// An access that took longer than this waited on a fault (a hit costs ~1 us: the
@@ -117,6 +124,13 @@ fn bench(a: &PoolBenchArgs) -> Result<(), String> {
     let (raw_p50, raw_p99, raw_n) = quantiles(&raw[0]);
     let (p50, p99, n) = quantiles(&amsvm[0]);
     let hpi = amsvm[0].metrics.hpi.load(Relaxed);
+    let vm_latency = if a.no_vm {
+        None
+    } else {
+        eprintln!("latency: amsvm page-in through the paging server ...");
+        let r = run(&[spec(0, lat_ws + 16, paging)], Some(&vm_pool_spec(&a.dir, lat_ws / 2 + 8)))?;
+        Some(quantiles(&r[0]))
+    };
 
     // --- Throughput at each ratio, amsvm and baseline.
     let total_mib = a.partitions as u64 * a.logical_mib;
@@ -159,6 +173,20 @@ fn bench(a: &PoolBenchArgs) -> Result<(), String> {
         rows.push((ratio, pool_mib, rate(&ours), hpi, writes, base));
     }
     drop(swap);
+
+    // --- The paging-server backend at 2x, next to the local store.
+    let vm_2x = if a.no_vm {
+        None
+    } else {
+        let pool_mib = total_mib / 2;
+        eprintln!("throughput at 2x ({pool_mib} MiB pool) through the paging server ...");
+        let r = run(&specs, Some(&vm_pool_spec(&a.dir, pool_mib)))?;
+        let ours: Vec<(u64, u64)> = r.iter().map(|r| (r.metrics.pages_verified.load(Relaxed), r.metrics.hpi.load(Relaxed))).collect();
+        eprintln!("throughput at 2x ({pool_mib} MiB pool) with the local store, for the same table ...");
+        let l = run(&specs, Some(&pool_spec(&a.dir, pool_mib, false)))?;
+        let local: Vec<(u64, u64)> = l.iter().map(|r| (r.metrics.pages_verified.load(Relaxed), r.metrics.hpi.load(Relaxed))).collect();
+        Some((rate(&ours), ours.iter().map(|o| o.1).sum::<u64>(), rate(&local), local.iter().map(|o| o.1).sum::<u64>()))
+    };
 
     // --- Loaning: the same partitions, but half of each one's memory is idle (stamped
     // at start, then left alone) and its balloon driver cooperates; the pool is 2x
@@ -235,6 +263,21 @@ fn bench(a: &PoolBenchArgs) -> Result<(), String> {
         }
     }
     println!("vpg/s: pages verified per second, all partitions together (the workload checks every word of every page it reads)");
+    if let (Some((vp50, vp99, vn)), Some((vm_rate, vm_hpi, local_rate, local_hpi))) = (vm_latency, vm_2x) {
+        println!();
+        println!("paging backends: the in-process store and the paging-server VM (VASI), same runs as above");
+        println!("{:<28} {:>10} {:>10} {:>10} {:>14} {:>10}", "", "p50 us", "p99 us", "samples", "2x vpg/s", "2x hpi");
+        println!("{:<28} {:>10.1} {:>10.1} {:>10} {:>14.0} {:>10}", "local store", p50, p99, n, local_rate, local_hpi);
+        println!("{:<28} {:>10.1} {:>10.1} {:>10} {:>14.0} {:>10}", "paging-server VM", vp50, vp99, vn, vm_rate, vm_hpi);
+        println!(
+            "{:<28} {:>10.2} {:>10.2} {:>10} {:>14.2}   (targets: p50 <= 1.5, throughput >= 0.70)",
+            "VM / local",
+            vp50 / p50,
+            vp99 / p99,
+            "",
+            vm_rate / local_rate
+        );
+    }
     println!();
     println!(
         "loaning: {} partitions x {} MiB, working set {} MiB + {} MiB idle each, pool {} MiB (2x), {} s per run",

@@ -49,6 +49,7 @@ pub fn boot(a: BootArgs) -> i32 {
         return EXIT_BAD_INPUT;
     }
     let spec = PartitionSpec {
+        role: crate::config::PartitionRole::Guest,
         id: 0,
         name: "linux".into(),
         mem_bytes,

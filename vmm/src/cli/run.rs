@@ -54,7 +54,14 @@ pub fn run_specs_observed(
                 .map_err(|source| crate::Error::Io { path: ps.paging_dir.clone(), source })?;
             let pool = if ps.raw_uffd { Pool::new_raw() } else { Pool::new(ps.size_bytes) }
                 .map_err(|e| crate::Error::Other(format!("pool: {e}")))?;
-            Some(PoolContext { pool, paging_dir: ps.paging_dir.clone() })
+            // The paging server boots before the partitions that page to it.
+            let server = match ps.backend {
+                crate::config::PagingBackend::Local => None,
+                crate::config::PagingBackend::Vm => {
+                    Some(crate::paging_server::PagingServer::start(&kvm, specs, &ps.paging_dir, epoch)?)
+                }
+            };
+            Some(PoolContext { pool, paging_dir: ps.paging_dir.clone(), server })
         }
     };
     let pool = pool.as_ref();
@@ -79,6 +86,8 @@ pub fn run_specs_observed(
             .map(|(s, m)| RegisteredPartition::new(&s.name, s.mem_bytes >> 20, s.min_bytes >> 20, s.weight, m.clone()))
             .collect(),
     );
+    let mut registry = registry;
+    registry.paging_server = pool.and_then(|p| p.server.as_ref()).map(Arc::downgrade);
     let socket = match control {
         Control::Off => None,
         Control::Default => Some(crate::control::default_socket_path().map_err(|e| crate::Error::Other(e.to_string()))?),
@@ -164,6 +173,9 @@ pub fn run_specs_observed(
         all_done.store(true, std::sync::atomic::Ordering::Relaxed);
         reports
     });
+    if let Some(server) = pool.and_then(|p| p.server.as_ref()) {
+        server.stop();
+    }
     if let Some(e) = build_error.into_inner().unwrap() {
         return Err(e);
     }

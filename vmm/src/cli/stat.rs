@@ -78,6 +78,13 @@ pub fn format_text(s: &Snapshot) -> String {
         ),
         None => writeln!(o, "pool: none (each partition has its own RAM)"),
     };
+    if let Some(ps) = &s.paging_server {
+        let _ = writeln!(
+            o,
+            "paging server: started {} times, requests {}, completed {}, resubmitted {}, refused {}, I/O errors {}, rejected {}",
+            ps.starts, ps.requests, ps.completions, ps.resubmitted, ps.refused_by_server, ps.io_errors, ps.rejected
+        );
+    }
     let w = s.partitions.iter().map(|p| p.name.len()).max().unwrap_or(0).max("partition".len());
     let _ = writeln!(
         o,

@@ -6,7 +6,7 @@
 //! <- {"ok":true,"stat":{"version":1,"pid":...,"pool":{...},"partitions":[...]}}
 //! -> {"cmd":"loan","partition":"p0","mib":64}      (or "mib":"auto")
 //! <- {"ok":true}
-//! <- {"ok":false,"error":"unknown cmd \"frobnicate\" (known: stat, loan)"}
+//! <- {"ok":false,"error":"unknown cmd \"frobnicate\" (known: stat, loan, kill-paging-server)"}
 //! ```
 //!
 //! The socket is private to its user (mode 0600, created so that it is never reachable

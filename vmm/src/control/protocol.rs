@@ -24,6 +24,8 @@ pub enum Request {
     /// Hold a partition's balloon target (`{"cmd":"loan","partition":"p0","mib":64}`),
     /// or give it back to the pool's loaning policy (`"mib":"auto"`).
     Loan { partition: String, target: LoanTarget },
+    /// Fault injection (tests, demos): end the paging-server VM now; amsvm restarts it.
+    KillPagingServer,
 }
 
 /// The target of a `loan` request.
@@ -36,7 +38,7 @@ pub enum LoanTarget {
 }
 
 /// Command names, for messages.
-const COMMANDS: [&str; 2] = ["stat", "loan"];
+const COMMANDS: [&str; 3] = ["stat", "loan", "kill-paging-server"];
 
 impl Request {
     /// Parse one request line (without its newline). The error is the message sent back.
@@ -50,6 +52,7 @@ impl Request {
         };
         match cmd.as_str() {
             "stat" => Ok(Request::Stat),
+            "kill-paging-server" => Ok(Request::KillPagingServer),
             "loan" => {
                 let partition = match obj.get("partition") {
                     Some(serde_json::Value::String(s)) => s.clone(),
@@ -73,6 +76,7 @@ impl Request {
         match self {
             Request::Stat => "stat",
             Request::Loan { .. } => "loan",
+            Request::KillPagingServer => "kill-paging-server",
         }
     }
 
@@ -80,6 +84,7 @@ impl Request {
     pub fn to_line(&self) -> String {
         let v = match self {
             Request::Stat => serde_json::json!({ "cmd": "stat" }),
+            Request::KillPagingServer => serde_json::json!({ "cmd": "kill-paging-server" }),
             Request::Loan { partition, target } => serde_json::json!({
                 "cmd": "loan",
                 "partition": partition,
@@ -147,7 +152,7 @@ mod tests {
         assert!(Request::parse(b"{}").unwrap_err().contains("no \"cmd\""));
         assert!(Request::parse(br#"{"cmd":7}"#).unwrap_err().contains("must be a string"));
         let e = Request::parse(br#"{"cmd":"frobnicate"}"#).unwrap_err();
-        assert_eq!(e, "unknown cmd \"frobnicate\" (known: stat, loan)");
+        assert_eq!(e, "unknown cmd \"frobnicate\" (known: stat, loan, kill-paging-server)");
         let long = format!(r#"{{"cmd":"{}"}}"#, "x".repeat(1000));
         assert!(Request::parse(long.as_bytes()).unwrap_err().len() < 200);
         assert!(Request::parse(&[0xff, 0xfe]).is_err());

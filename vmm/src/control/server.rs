@@ -381,6 +381,16 @@ impl Connection<'_> {
                 s.control_busy = self.metrics.busy.load(Relaxed);
                 Response::stat(s)
             }
+            Ok(Request::KillPagingServer) => {
+                self.metrics.requests.fetch_add(1, Relaxed);
+                match self.registry.paging_server.as_ref().and_then(|w| w.upgrade()) {
+                    Some(ps) => {
+                        ps.kill("killed on request");
+                        Response::done()
+                    }
+                    None => Response::error("this amsvm runs no paging server ([paging] backend = \"vm\")"),
+                }
+            }
             Ok(Request::Loan { partition, target }) => {
                 self.metrics.requests.fetch_add(1, Relaxed);
                 match self.registry.set_loan(&partition, target) {

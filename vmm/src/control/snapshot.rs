@@ -27,6 +27,8 @@ pub struct Registry {
     pub partitions: Vec<RegisteredPartition>,
     /// When the instance started: `uptime_ms` counts from here.
     pub started: Option<Instant>,
+    /// The paging-server VM, with `[paging] backend = "vm"`.
+    pub paging_server: Option<std::sync::Weak<crate::paging_server::PagingServer>>,
 }
 
 /// One partition as the control socket sees it.
@@ -99,7 +101,7 @@ impl RegisteredPartition {
 impl Registry {
     /// A registry whose uptime counts from now.
     pub fn new(pool: Option<Arc<PoolMetrics>>, partitions: Vec<RegisteredPartition>) -> Self {
-        Registry { pool, partitions, started: Some(Instant::now()) }
+        Registry { pool, partitions, started: Some(Instant::now()), paging_server: None }
     }
 
     /// Hold partition `name`'s balloon target, or hand it back to the loaning policy.
@@ -139,6 +141,18 @@ impl Registry {
             control_busy: 0,
             pool: self.pool.as_deref().map(PoolSnapshot::from_metrics),
             partitions: self.partitions.iter().map(RegisteredPartition::snapshot).collect(),
+            paging_server: self.paging_server.as_ref().and_then(|w| w.upgrade()).map(|ps| {
+                let m = &ps.channel.metrics;
+                PagingServerSnapshot {
+                    starts: ps.starts.load(Relaxed),
+                    requests: m.requests.load(Relaxed),
+                    completions: m.completions.load(Relaxed),
+                    resubmitted: m.resubmitted.load(Relaxed),
+                    refused_by_server: m.refused_by_server.load(Relaxed),
+                    io_errors: m.io_errors.load(Relaxed),
+                    rejected: m.rejected.load(Relaxed),
+                }
+            }),
         }
     }
 }
@@ -163,6 +177,25 @@ pub struct Snapshot {
     /// `None` without a shared pool (each partition has its own RAM).
     pub pool: Option<PoolSnapshot>,
     pub partitions: Vec<PartitionSnapshot>,
+    /// The paging-server VM, with `[paging] backend = "vm"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paging_server: Option<PagingServerSnapshot>,
+}
+
+/// The paging-server VM and its VASI channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PagingServerSnapshot {
+    /// Times it was started (1: never restarted).
+    pub starts: u64,
+    /// Requests submitted, completed, submitted again after a restart, refused by the
+    /// paging server as malformed, failed on the paging device; completions amsvm
+    /// rejected.
+    pub requests: u64,
+    pub completions: u64,
+    pub resubmitted: u64,
+    pub refused_by_server: u64,
+    pub io_errors: u64,
+    pub rejected: u64,
 }
 
 /// The shared pool (`lparstat -m`'s pool line).

@@ -264,12 +264,13 @@ pub fn create_acpi_tables(
     xsdt.add_entry(madt_addr);
     let xsdt_bytes = aml_bytes(&xsdt);
     let end = xsdt_addr + xsdt_bytes.len() as u64;
-    if end > layout::ACPI_END {
+    // The last 16 bytes of the area hold the reset vector's stub.
+    if end > layout::RESET_VECTOR {
         return Err(AcpiError::TooLarge {
             needed: end - rsdp,
-            room: layout::ACPI_END - rsdp,
+            room: layout::RESET_VECTOR - rsdp,
             start: rsdp,
-            end: layout::ACPI_END,
+            end: layout::RESET_VECTOR,
         });
     }
     let rsdp_bytes = aml_bytes(&Rsdp::new(OEM_ID, xsdt_addr));

@@ -15,7 +15,8 @@
 //!
 //! Guest-physical layout (all in [`layout`]): boot GDT 0x500, zero page 0x7000, page
 //! tables 0x9000–0xF000 (identity map of the first 4 GiB with 2 MiB pages), command line
-//! 0x20000, ACPI tables 0xE0000–0xFFFFF, kernel from 1 MiB, initrd at the top of RAM below
+//! 0x20000, ACPI tables 0xE0000–0xFFFEF, a reset stub at the reset vector 0xFFFF0
+//! ([`RESET_STUB`]), kernel from 1 MiB, initrd at the top of RAM below
 //! 4 GiB and below the kernel's `initrd_addr_max`.
 //!
 //! The e820 map: RAM below [`layout::EBDA_START`], reserved from there to the ACPI area,
@@ -77,6 +78,10 @@ pub mod layout {
     pub const ACPI_RSDP: u64 = 0xe_0000;
     /// End of the ACPI table area (exclusive).
     pub const ACPI_END: u64 = 0x10_0000;
+    /// The real-mode reset vector (F000:FFF0), in the last 16 bytes of the ACPI area: a
+    /// stub there writes the ACPI reset register ([`super::RESET_STUB`]). The ACPI tables
+    /// end below it.
+    pub const RESET_VECTOR: u64 = 0xf_fff0;
     /// Load address of the protected-mode kernel (bzImage payload): 1 MiB.
     pub const KERNEL_LOAD: u64 = 0x10_0000;
     /// The initrd ends below this (the 32-bit `ramdisk_image` field).
@@ -98,6 +103,22 @@ pub const MIN_BOOT_PROTOCOL: u16 = 0x020c;
 pub const DEFAULT_CMDLINE_MAX: usize = 2047;
 /// `initrd_addr_max` for kernels that do not say (ELF vmlinux).
 pub const DEFAULT_INITRD_ADDR_MAX: u64 = 0x7fff_ffff;
+
+/// What runs at the reset vector (16-bit code): `cli; mov al, ACPI_RESET_VALUE;
+/// mov dx, ACPI_RESET_PORT; out dx, al; hlt; jmp` back to the `hlt`. There is no BIOS;
+/// this is for Linux's BIOS reboot method. On hardware-reduced ACPI, Linux's default
+/// reboot (no `reboot=` on the command line) is EFI even when there is no EFI
+/// (`reboot_init` in arch/x86/kernel/reboot.c: `efi_reboot_required()` is true for
+/// hardware-reduced ACPI and `efi_runtime_disabled()` false). EFI reboot does nothing,
+/// so Linux falls back to BIOS: it writes the CMOS shutdown byte, drops to real mode and
+/// jumps to F000:FFF0. Without the stub that jump ran whatever bytes were there and the
+/// guest never reset (seen in the nested harness with Debian's 6.1 kernel); with
+/// `reboot=k` or `reboot=a` Linux resets through the i8042 or the ACPI reset register.
+pub const RESET_STUB: [u8; 10] = {
+    use crate::devices::power::{ACPI_RESET_PORT, ACPI_RESET_VALUE};
+    let port = (ACPI_RESET_PORT as u16).to_le_bytes();
+    [0xfa, 0xb0, ACPI_RESET_VALUE, 0xba, port[0], port[1], 0xee, 0xf4, 0xeb, 0xfd]
+};
 
 const HDR_OFFSET: usize = 0x1f1;
 const HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
@@ -519,6 +540,7 @@ pub fn load(
     let gdt: Vec<u8> = cpu::gdt().iter().flat_map(|e| e.to_le_bytes()).collect();
     write(mem, "GDT", layout::GDT, &gdt)?;
     write(mem, "IDT", layout::IDT, &0u64.to_le_bytes())?;
+    write(mem, "reset vector", layout::RESET_VECTOR, &RESET_STUB)?;
 
     Ok(LinuxBoot { entry: kernel.entry, boot_params: layout::ZERO_PAGE, rsdp: tables.rsdp })
 }

@@ -14,18 +14,25 @@ use super::{Pager, PagerError, Slot, PAGE_SIZE};
 /// Most slots one store hands out: 2^32 - 1 pages (16 TiB), the range of [`Slot`].
 const MAX_SLOTS: u64 = u32::MAX as u64;
 
-struct SlotMap {
+/// Which slots of a paging device are in use (shared with the paging-server backend).
+pub(super) struct SlotMap {
     /// Slots below `end` that are free.
     free: BTreeSet<Slot>,
     /// One past the highest slot ever used: the file's logical end, in slots.
-    end: u64,
-    in_use: u64,
+    pub(super) end: u64,
+    pub(super) in_use: u64,
+    /// Slots the device has.
+    max: u64,
 }
 
 impl SlotMap {
+    pub(super) fn new(max: u64) -> SlotMap {
+        SlotMap { free: BTreeSet::new(), end: 0, in_use: 0, max: max.min(MAX_SLOTS) }
+    }
+
     /// Take `n` slots, consecutive when possible: a run from the free set, else from the
     /// end of the file.
-    fn take(&mut self, n: usize) -> Option<Vec<Slot>> {
+    pub(super) fn take(&mut self, n: usize) -> Option<Vec<Slot>> {
         if n == 0 {
             return Some(Vec::new());
         }
@@ -48,7 +55,7 @@ impl SlotMap {
         let slots: Vec<Slot> = if len == n {
             let first = run_start.unwrap();
             (first..first + n as Slot).collect()
-        } else if self.end + n as u64 <= MAX_SLOTS {
+        } else if self.end + n as u64 <= self.max {
             let first = self.end as Slot;
             self.end += n as u64;
             return self.commit((first..first + n as Slot).collect());
@@ -68,7 +75,7 @@ impl SlotMap {
         Some(slots)
     }
 
-    fn release(&mut self, slot: Slot) -> bool {
+    pub(super) fn release(&mut self, slot: Slot) -> bool {
         if (slot as u64) < self.end && self.free.insert(slot) {
             self.in_use -= 1;
             true
@@ -77,7 +84,7 @@ impl SlotMap {
         }
     }
 
-    fn is_used(&self, slot: Slot) -> bool {
+    pub(super) fn is_used(&self, slot: Slot) -> bool {
         (slot as u64) < self.end && !self.free.contains(&slot)
     }
 }
@@ -105,7 +112,7 @@ impl LocalStore {
         Ok(LocalStore {
             path: path.to_path_buf(),
             file,
-            map: Mutex::new(SlotMap { free: BTreeSet::new(), end: 0, in_use: 0 }),
+            map: Mutex::new(SlotMap::new(MAX_SLOTS)),
         })
     }
 

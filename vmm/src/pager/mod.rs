@@ -3,6 +3,7 @@
 //! paging-server VM comes later behind the same trait.
 
 pub mod local;
+pub mod vm;
 
 use std::path::PathBuf;
 

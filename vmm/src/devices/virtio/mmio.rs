@@ -169,6 +169,8 @@ pub struct MmioTransport {
     mmio_base: u64,
     gsi: u32,
     metrics: Arc<MmioMetrics>,
+    /// Queue notifications are handled on the notifying vCPU's exit (no ioeventfd).
+    inline: bool,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -261,7 +263,21 @@ impl MmioTransport {
             mmio_base: 0,
             gsi: 0,
             metrics: Arc::new(MmioMetrics::default()),
+            inline: false,
         })
+    }
+
+    /// Like [`new`](Self::new), but without ioeventfds: a queue notification is an MMIO
+    /// exit of the notifying vCPU, which processes the queue before it returns to the
+    /// guest. For a polling guest (the paging server) that waits on its requests: no
+    /// hand-off to the event loop's thread and back.
+    pub fn new_inline(device: Box<dyn VirtioDevice>, mem: GuestMemory, vm: &VmFd, mmio_base: u64, gsi: u32) -> Result<MmioTransport, VirtioError> {
+        let mut t = Self::build(device, mem)?;
+        t.mmio_base = mmio_base;
+        t.gsi = gsi;
+        t.inline = true;
+        vm.register_irqfd(t.interrupt.irq_eventfd(), gsi).map_err(|source| VirtioError::RegisterIrqfd { gsi, source })?;
+        Ok(t)
     }
 
     /// Undo the KVM registrations of [`new`](Self::new) (queue ioeventfds, irqfd), for a
@@ -269,7 +285,7 @@ impl MmioTransport {
     /// at the same address. Without it the registrations last as long as the VM.
     pub fn unregister(&self, vm: &VmFd) -> Result<(), VirtioError> {
         let notify = IoEventAddress::Mmio(self.mmio_base + QUEUE_NOTIFY_OFFSET);
-        for (i, evt) in self.queue_evts.iter().enumerate() {
+        for (i, evt) in self.queue_evts.iter().enumerate().filter(|_| !self.inline) {
             vm.unregister_ioevent(evt, &notify, i as u32).map_err(|source| VirtioError::Unregister {
                 what: format!(
                     "the notify ioeventfd of queue {i} at {:#x}",
@@ -437,9 +453,18 @@ impl MmioTransport {
     }
 
     /// A QueueNotify write that reached us through a vCPU exit: same effect as the
-    /// ioeventfd (the event loop does the work, not the vCPU thread).
+    /// ioeventfd (the event loop does the work, not the vCPU thread) — or, for an inline
+    /// transport, the queue is processed here and now.
     fn notify(&mut self, v: u32) {
         self.metrics.exit_notifications.fetch_add(1, Relaxed);
+        if self.inline {
+            if (v as usize) < self.queue_evts.len() {
+                self.process_queue_event(v as usize);
+            } else {
+                self.metrics.bad_notifications.fetch_add(1, Relaxed);
+            }
+            return;
+        }
         // Without VIRTIO_F_NOTIFICATION_DATA the value is the queue index.
         match self.queue_evts.get(v as usize) {
             Some(evt) => {

@@ -14,6 +14,7 @@
 pub mod balloon;
 pub mod blk;
 pub mod mmio;
+pub mod vasi;
 
 use std::any::Any;
 use std::io;

@@ -213,6 +213,8 @@ fn bzimage_boot_params() {
     assert_eq!(read_cstr(&mem, layout::CMDLINE), cmdline);
     assert_eq!({ p.acpi_rsdp_addr }, layout::ACPI_RSDP);
     assert_eq!(&read(&mem, layout::ACPI_RSDP, 8), b"RSD PTR ");
+    // The reset vector writes 1 to the ACPI reset register, port 0x604.
+    assert_eq!(read(&mem, layout::RESET_VECTOR, 10), [0xfa, 0xb0, 0x01, 0xba, 0x04, 0x06, 0xee, 0xf4, 0xeb, 0xfd]);
 
     // Initrd: page aligned, high, below the end of RAM, above the kernel's buffer, intact.
     let (rd, rd_size) = (h.ramdisk_image as u64, h.ramdisk_size as u64);
