@@ -221,6 +221,12 @@ impl MmioTransport {
         Ok(t)
     }
 
+    /// A transport with no VM behind it, for tests of devices.
+    #[cfg(test)]
+    pub(crate) fn for_tests(device: Box<dyn VirtioDevice>, mem: GuestMemory) -> Self {
+        Self::build(device, mem).expect("a valid test device")
+    }
+
     /// The transport without any KVM registration (eventfds exist but nothing in the
     /// kernel writes or reads them).
     fn build(device: Box<dyn VirtioDevice>, mem: GuestMemory) -> Result<Self, VirtioError> {
