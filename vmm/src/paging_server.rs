@@ -25,6 +25,8 @@ use crate::{Error, Result};
 pub const SERVER_MEM_BYTES: u64 = 24 << 20;
 /// The transfer window: the top of its RAM.
 pub const WINDOW_PAGES: u32 = 512;
+/// Where the transfer window starts in the paging server's RAM.
+pub const WINDOW_GPA: u64 = SERVER_MEM_BYTES - WINDOW_PAGES as u64 * 4096;
 /// A paging server that holds requests without completing any for this long is
 /// considered hung and restarted.
 pub const HANG_TIMEOUT: Duration = Duration::from_secs(5);
@@ -84,6 +86,27 @@ pub fn format_device(path: &Path, id: u32, name: &str, slots: u64) -> Result<()>
     Ok(())
 }
 
+/// The paging-server VM as a partition: the VASI device of `channel`, then `devices`
+/// (paging device `i` is `devices[i]`), [`SERVER_MEM_BYTES`] of RAM of its own, one vCPU,
+/// its console to `log_path`.
+pub(crate) fn server_spec(channel: &Arc<Channel>, devices: &[PathBuf], log_path: Option<PathBuf>) -> PartitionSpec {
+    PartitionSpec {
+        role: PartitionRole::PagingServer(channel.clone()),
+        id: u32::MAX,
+        name: "paging-server".into(),
+        mem_bytes: SERVER_MEM_BYTES,
+        min_bytes: 0,
+        weight: 0,
+        paging_file: None,
+        loan_policy: crate::config::LoanPolicy::Off,
+        vcpus: 1,
+        boot: BootConfig::Native { image: None, workload: Default::default() },
+        disks: devices.iter().map(|p| DiskConfig { path: p.clone(), read_only: false, create_mib: None }).collect(),
+        console_stdout: false,
+        log_path,
+    }
+}
+
 impl PagingServer {
     /// Format a paging device for every partition and boot the paging server; it is kept
     /// running until [`stop`](Self::stop).
@@ -96,23 +119,10 @@ impl PagingServer {
             devices.push(Device { path, slots });
         }
         let ids: Vec<u32> = partitions.iter().map(|p| p.id).collect();
-        let window_gpa = SERVER_MEM_BYTES - WINDOW_PAGES as u64 * 4096;
-        let channel = Channel::new(window_gpa, WINDOW_PAGES, &ids);
-        let spec = PartitionSpec {
-            role: PartitionRole::PagingServer(channel.clone()),
-            id: u32::MAX,
-            name: "paging-server".into(),
-            mem_bytes: SERVER_MEM_BYTES,
-            min_bytes: 0,
-            weight: 0,
-            paging_file: None,
-            loan_policy: crate::config::LoanPolicy::Off,
-            vcpus: 1,
-            boot: BootConfig::Native { image: None, workload: Default::default() },
-            disks: devices.iter().map(|d| DiskConfig { path: d.path.clone(), read_only: false, create_mib: None }).collect(),
-            console_stdout: false,
-            log_path: partitions.first().and_then(|p| p.log_path.as_ref()).and_then(|l| l.parent()).map(|d| d.join("paging-server.log")),
-        };
+        let channel = Channel::new(WINDOW_GPA, WINDOW_PAGES, &ids);
+        let log_path = partitions.first().and_then(|p| p.log_path.as_ref()).and_then(|l| l.parent()).map(|d| d.join("paging-server.log"));
+        let paths: Vec<PathBuf> = devices.iter().map(|d| d.path.clone()).collect();
+        let spec = server_spec(&channel, &paths, log_path);
         let server = Arc::new(PagingServer {
             channel,
             devices,
@@ -216,3 +226,7 @@ impl PagingServer {
         self.devices.get(i).map(|d| Layout::for_slots(d.slots))
     }
 }
+
+#[cfg(test)]
+#[path = "paging_server_tests.rs"]
+mod tests;
