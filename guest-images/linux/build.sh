@@ -3,6 +3,7 @@
 #   out/vmlinuz            Debian's cloud kernel (bzImage)
 #   out/initramfs.cpio.gz  busybox + virtio_mmio, virtio_blk, virtio_balloon (and their
 #                          dependencies) + an /init that reports what it finds and powers off
+#   out/memverify          the page-verifying memory program (static; also in the initramfs)
 #   out/config, out/VERSION  the kernel's config and package name, for reference
 # Downloads are kept in cache/ (gitignored); out/ is gitignored too.
 #
@@ -10,18 +11,21 @@
 #   AMSVM_KERNEL_PACKAGE  kernel package to use (default: what linux-image-cloud-amd64
 #                         depends on, e.g. linux-image-6.1.0-48-cloud-amd64)
 #   AMSVM_MODULES         modules to put in the initramfs (default below)
+#   AMSVM_OUT             output directory (default: out/ next to this script); the
+#                         nested harness builds deliberately broken variants this way
 #
-# Needs: apt-get, apt-cache, dpkg-deb, gzip, find; xz/zstd only if the kernel's modules
-# are compressed. Runs as any user if the package lists are current (apt-get update).
+# Needs: apt-get, apt-cache, dpkg-deb, gzip, find, gcc with a static libc (Debian: gcc,
+# libc6-dev); xz/zstd only if the kernel's modules are compressed. Runs as any user if
+# the package lists are current (apt-get update).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=$here/cache
-out=$here/out
+out=${AMSVM_OUT:-$here/out}
 modules=${AMSVM_MODULES:-virtio_mmio virtio_blk virtio_balloon}
 
 die() { echo "build.sh: $*" >&2; exit 1; }
-for tool in apt-get apt-cache dpkg-deb gzip find; do
+for tool in apt-get apt-cache dpkg-deb gzip find gcc; do
     command -v "$tool" >/dev/null || die "$tool not found (this script needs a Debian-based host)"
 done
 
@@ -49,11 +53,11 @@ echo "build.sh: kernel package $pkg (version $kver)"
 # --- download (cached) ------------------------------------------------------------
 fetch() { # package -> path of its .deb in the cache
     local p=$1 deb
-    deb=$(find "$cache" -maxdepth 1 -name "${p}_*.deb" | sort | tail -n1)
+    deb=$(find "$cache/" -maxdepth 1 -name "${p}_*.deb" | sort | tail -n1)
     if [ -z "$deb" ]; then
         (cd "$cache" && apt-get download -q -o APT::Sandbox::User=root "$p" >&2) ||
             die "apt-get download $p failed (network? apt-get update?)"
-        deb=$(find "$cache" -maxdepth 1 -name "${p}_*.deb" | sort | tail -n1)
+        deb=$(find "$cache/" -maxdepth 1 -name "${p}_*.deb" | sort | tail -n1)
         [ -n "$deb" ] || die "apt-get download $p left no .deb in $cache"
     fi
     echo "$deb"
@@ -87,6 +91,10 @@ done
 stage=$(mktemp -d "${TMPDIR:-/tmp}/amsvm-initramfs.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,root,etc,lib/modules}
+# memverify: static, so that it runs in the busybox initramfs (and in the nested
+# harness's L1, which checks disk images with it).
+gcc -O2 -static -Wall -Wextra -Werror -o "$stage/bin/memverify" "$here/memverify.c" ||
+    die "gcc -O2 -static memverify.c failed (needs gcc and a static libc: apt-get install gcc libc6-dev)"
 cp "$busybox" "$stage/bin/busybox"
 chmod 755 "$stage/bin/busybox"
 ln -s busybox "$stage/bin/sh"
@@ -141,13 +149,16 @@ done
 echo "amsvm-guest: kernel $(uname -r)"
 echo "amsvm-guest: cpus $(nproc)"
 echo "amsvm-guest: $(grep MemTotal /proc/meminfo | tr -s ' ')"
+echo "amsvm-guest: acpi devices $(ls /sys/bus/acpi/devices 2>/dev/null | tr '\n' ' ')"
 n=0
 for d in /sys/bus/virtio/devices/*; do
     [ -e "$d" ] || continue
     n=$((n + 1))
     drv=none
     [ -e "$d/driver" ] && drv=$(basename "$(readlink "$d/driver")")
-    echo "amsvm-guest: $(basename "$d") device $(cat "$d/device") vendor $(cat "$d/vendor") driver $drv"
+    # The transport the device hangs off: LNRO0005:NN when the ACPI DSDT declared it.
+    via=$(basename "$(dirname "$(readlink -f "$d")")")
+    echo "amsvm-guest: $(basename "$d") device $(cat "$d/device") vendor $(cat "$d/vendor") driver $drv via $via"
 done
 echo "amsvm-guest: virtio devices $n"
 for b in /sys/block/vd*; do
@@ -176,6 +187,7 @@ chmod 755 "$stage/init"
     gzip -9n >"$out/initramfs.cpio.gz.tmp"
 mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
 cp "$vmlinuz" "$out/vmlinuz"
+cp "$stage/bin/memverify" "$out/memverify"
 cp "$root/boot/config-$kver" "$out/config" 2>/dev/null || true
 echo "$pkg" >"$out/VERSION"
 

@@ -106,25 +106,32 @@ fn round(pool: &Pool) {
         }
         let loaned = st.loaned.load(Relaxed);
         let target = st.target.load(Relaxed);
+        // The device is called only after the loan_track lock is released: returning the
+        // stats buffer writes the virtqueue's used ring in guest memory, and when that page
+        // is paged out the write waits for the partition's fault handler, which takes
+        // loan_track (`pending_loan`) when it picks victims. Holding it across the call
+        // deadlocked a pool of Linux guests (nested harness, overcommit scenario).
+        let (stats_due, gave_up);
         let room = {
             let mut tr = p.loan_track();
-            if tr.last_stats.is_none_or(|t| now.duration_since(t) >= STATS_EVERY) {
+            stats_due = tr.last_stats.is_none_or(|t| now.duration_since(t) >= STATS_EVERY);
+            if stats_due {
                 tr.last_stats = Some(now);
-                b.request_stats();
             }
             let retry = tr.unresponsive && tr.since.is_some_and(|t| now.duration_since(t) >= RETRY_AFTER);
-            if loaned != tr.last_loan || tr.since.is_none() || retry {
+            let moved = loaned != tr.last_loan || tr.since.is_none() || retry;
+            gave_up = !moved && target > loaned && tr.since.is_some_and(|t| now.duration_since(t) >= UNRESPONSIVE_AFTER);
+            if moved {
                 tr.last_loan = loaned;
                 tr.since = Some(now);
                 tr.unresponsive = false;
-            } else if target > loaned && tr.since.is_some_and(|t| now.duration_since(t) >= UNRESPONSIVE_AFTER) {
+            } else if gave_up {
                 if !tr.unresponsive {
                     tracing::info!(partition = %p.name, "balloon does not follow its target ({target} pages, {loaned} loaned): reclaiming by paging");
                     p.metrics().loan_unresponsive.fetch_add(1, Relaxed);
                 }
                 tr.unresponsive = true;
                 tr.since = Some(now);
-                b.set_target(loaned);
             }
             if tr.unresponsive {
                 0
@@ -141,6 +148,12 @@ fn round(pool: &Pool) {
                 }
             }
         };
+        if stats_due {
+            b.request_stats();
+        }
+        if gave_up {
+            b.set_target(loaned);
+        }
         cands.push(Candidate { weight: p.weight, loaned: loaned.max(target), room, p });
     }
     if free < low {
