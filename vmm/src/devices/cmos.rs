@@ -49,7 +49,7 @@ impl Default for Cmos {
 }
 
 fn bcd(v: u64) -> u8 {
-    ((v / 10 % 10) << 4 | v % 10) as u8
+    (((v / 10 % 10) << 4) | (v % 10)) as u8
 }
 
 /// Civil date (year, month 1-12, day 1-31) of a day count since 1970-01-01 (Howard

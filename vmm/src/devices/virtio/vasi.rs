@@ -413,7 +413,7 @@ impl VasiDevice {
                     break;
                 }
                 let len = d.len() as usize;
-                if d.is_write_only() || len % COMPLETION_BYTES != 0 || bytes.len() + len > 64 * COMPLETION_BYTES {
+                if d.is_write_only() || !len.is_multiple_of(COMPLETION_BYTES) || bytes.len() + len > 64 * COMPLETION_BYTES {
                     bad = Some("not device-readable whole completions");
                     break;
                 }
