@@ -202,8 +202,14 @@ fn finish(p: &Progress, accesses: u64, ms: u64, device_error: bool) -> ! {
     hc::exit(status, p)
 }
 
+/// TSC cycles between two balloon polls at least (about 2 ms at 1 GHz): a guest that
+/// pages hard makes few accesses per second, and its balloon must still answer promptly,
+/// as an interrupt-driven driver would.
+const BALLOON_POLL_CYCLES: u64 = 2_000_000;
+
 /// The access loop: returns the number of accesses made. The balloon driver is polled
-/// every `report_every` accesses.
+/// every `report_every` accesses, and also whenever [`BALLOON_POLL_CYCLES`] passed
+/// (checked every 64 accesses with rdtsc, which costs no exit).
 fn run(plan: &Plan, p: &mut Progress, t0: u64, balloon: &mut Balloon) -> u64 {
     let w = &plan.w;
     let n = plan.n;
@@ -225,6 +231,8 @@ fn run(plan: &Plan, p: &mut Progress, t0: u64, balloon: &mut Balloon) -> u64 {
     let mut passes_shown = 0;
     let mut last_line = t0;
     let latency_from = if w.measure_latency != 0 { w.latency_from } else { u64::MAX };
+    // SAFETY: rdtsc has no memory effects; CPL3 may use it (CR4.TSD is clear).
+    let mut last_poll = unsafe { core::arch::x86_64::_rdtsc() };
     while accesses < plan.max_accesses {
         let i = sampler.sample(&mut rng);
         let write = rng.percent(w.write_pct);
@@ -239,6 +247,14 @@ fn run(plan: &Plan, p: &mut Progress, t0: u64, balloon: &mut Balloon) -> u64 {
             access(plan, i, write, p, &mut printed);
         }
         accesses += 1;
+        if accesses % 64 == 0 && balloon.started() {
+            // SAFETY: as above.
+            let now = unsafe { core::arch::x86_64::_rdtsc() };
+            if now.wrapping_sub(last_poll) >= BALLOON_POLL_CYCLES {
+                balloon.poll();
+                last_poll = now;
+            }
+        }
         if accesses == next_report {
             next_report = next_report.saturating_add(plan.report_every);
             hc::progress(p);

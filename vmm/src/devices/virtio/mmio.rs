@@ -348,8 +348,16 @@ impl MmioTransport {
     /// code that polls instead.
     pub fn process_queue_event(&mut self, index: usize) {
         let Some(evt) = self.queue_evts.get(index) else { return };
-        // Non-blocking: EAGAIN only means the counter was already drained.
-        let _ = evt.read();
+        // Non-blocking. Nothing pending (EAGAIN) means the notification was drained by a
+        // reset since: it belonged to the device's previous life, and its queues are gone.
+        if evt.read().is_err() {
+            return;
+        }
+        self.process_notified(index);
+    }
+
+    /// Process queue `index` after a notification (the eventfd's, or an inline exit's).
+    fn process_notified(&mut self, index: usize) {
         self.metrics.queue_events.fetch_add(1, Relaxed);
         if self.status & status::DRIVER_OK == 0 || !self.device.is_activated() || self.interrupt.needs_reset()
         {
@@ -465,7 +473,7 @@ impl MmioTransport {
         self.metrics.exit_notifications.fetch_add(1, Relaxed);
         if self.inline {
             if (v as usize) < self.queue_evts.len() {
-                self.process_queue_event(v as usize);
+                self.process_notified(v as usize);
             } else {
                 self.metrics.bad_notifications.fetch_add(1, Relaxed);
             }
@@ -649,6 +657,10 @@ impl MmioTransport {
         self.driver_features = 0;
         self.status = 0;
         self.interrupt.reset();
+        // Notifications not yet handled belong to the device's previous life.
+        for evt in &self.queue_evts {
+            let _ = evt.read();
+        }
     }
 }
 
