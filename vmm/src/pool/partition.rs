@@ -268,8 +268,11 @@ impl PartitionPool {
         self.table().resident
     }
 
+    /// Detached, or being detached. Never blocks: it is asked under the pool's lock
+    /// (when picking victims), and a blocking read behind a waiting `detach` would wait
+    /// for a page-out that itself waits for the pool's lock.
     pub fn is_detached(&self) -> bool {
-        !*self.alive.read().unwrap_or_else(|e| e.into_inner())
+        self.alive.try_read().map_or(true, |a| !*a)
     }
 
     /// Pages this partition could give up now without going below its minimum.
