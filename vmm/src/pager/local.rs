@@ -75,6 +75,20 @@ impl SlotMap {
         Some(slots)
     }
 
+    /// The slot of every page of a write: `reuse[i]` where it is `Some` (it must be in
+    /// use), else a fresh one (taken here). Returns all slots and the fresh ones (to
+    /// release should the write fail).
+    pub(super) fn assign(&mut self, reuse: &[Option<Slot>], device: &Path) -> Result<(Vec<Slot>, Vec<Slot>), PagerError> {
+        if let Some(&slot) = reuse.iter().flatten().find(|&&r| !self.is_used(r)) {
+            return Err(PagerError::BadSlot { device: device.to_path_buf(), slot });
+        }
+        let fresh_needed = reuse.iter().filter(|r| r.is_none()).count();
+        let fresh = self.take(fresh_needed).ok_or(PagerError::Full { device: device.to_path_buf(), slots: self.max })?;
+        let mut fresh_iter = fresh.iter();
+        let slots = reuse.iter().map(|r| r.unwrap_or_else(|| *fresh_iter.next().expect("one fresh slot per None"))).collect();
+        Ok((slots, fresh))
+    }
+
     pub(super) fn release(&mut self, slot: Slot) -> bool {
         if (slot as u64) < self.end && self.free.insert(slot) {
             self.in_use -= 1;
@@ -137,18 +151,7 @@ impl LocalStore {
 impl Pager for LocalStore {
     fn write(&self, pages: &[&[u8]], reuse: &[Option<Slot>]) -> Result<Vec<Slot>, PagerError> {
         assert_eq!(pages.len(), reuse.len(), "one reuse entry per page");
-        let fresh_needed = reuse.iter().filter(|r| r.is_none()).count();
-        let fresh = {
-            let mut m = self.map();
-            for r in reuse.iter().flatten() {
-                if !m.is_used(*r) {
-                    return Err(PagerError::BadSlot { device: self.path.clone(), slot: *r });
-                }
-            }
-            m.take(fresh_needed).ok_or(PagerError::Full { device: self.path.clone(), slots: MAX_SLOTS })?
-        };
-        let mut fresh_iter = fresh.iter();
-        let slots: Vec<Slot> = reuse.iter().map(|r| r.unwrap_or_else(|| *fresh_iter.next().unwrap())).collect();
+        let (slots, fresh) = self.map().assign(reuse, &self.path)?;
         // Write runs of consecutive slots with one call each.
         let mut i = 0;
         let mut result = Ok(());

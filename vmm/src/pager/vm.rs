@@ -61,7 +61,7 @@ impl VmPager {
             match self.channel.call(Request::new(0, op_code, self.device, window, slots)) {
                 Outcome::Lost => continue,
                 Outcome::Done(c) => match c.status {
-                    vasi::status::OK if pages == 0 || after_ok(c.count, pages) => break Ok(()),
+                    vasi::status::OK if pages == 0 || c.count == pages => break Ok(()),
                     vasi::status::OK => break Err(self.error(what, format!("the paging server did {} of {pages} pages", c.count))),
                     vasi::status::NO_SPACE => {
                         break Err(PagerError::NoSpace { device: self.path.clone(), source: std::io::Error::from_raw_os_error(libc::ENOSPC) })
@@ -82,26 +82,10 @@ impl VmPager {
     }
 }
 
-fn after_ok(count: u32, pages: u32) -> bool {
-    count == pages
-}
-
 impl Pager for VmPager {
     fn write(&self, pages: &[&[u8]], reuse: &[Option<Slot>]) -> Result<Vec<Slot>, PagerError> {
         assert_eq!(pages.len(), reuse.len(), "one reuse entry per page");
-        let fresh_needed = reuse.iter().filter(|r| r.is_none()).count();
-        let fresh = {
-            let mut m = self.map();
-            for r in reuse.iter().flatten() {
-                if !m.is_used(*r) {
-                    return Err(PagerError::BadSlot { device: self.path.clone(), slot: *r });
-                }
-            }
-            let max = m.end.max(1);
-            m.take(fresh_needed).ok_or(PagerError::Full { device: self.path.clone(), slots: max })?
-        };
-        let mut fresh_iter = fresh.iter();
-        let slots: Vec<Slot> = reuse.iter().map(|r| r.unwrap_or_else(|| *fresh_iter.next().unwrap())).collect();
+        let (slots, fresh) = self.map().assign(reuse, &self.path)?;
         let mut result = Ok(());
         for (chunk_pages, chunk_slots) in pages.chunks(vasi::MAX_PAGES).zip(slots.chunks(vasi::MAX_PAGES)) {
             result = self.run("write", op::PAGE_OUT, chunk_slots, |w| self.channel.write_window(w, chunk_pages), |_| true);
