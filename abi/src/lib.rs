@@ -156,6 +156,17 @@ pub struct WorkloadParams {
     /// balloon driver loans first; the final pass verifies every idle page that is not
     /// loaned.
     pub idle_pages: u64,
+    /// Busy turns, so that demand moves between partitions over time: time (the CLOCK
+    /// hypercall's, from partition start) is cut into turns of `turn_ms`; of every
+    /// `turns` consecutive turns the workload is busy in the one numbered `turn`
+    /// (0-based) and quiet in the others. Busy, it accesses its working set by
+    /// `pattern`; quiet, only its first `quiet_pct`% pages, uniformly. `turns` 0 or 1 =
+    /// always busy.
+    pub turn_ms: u64,
+    pub turns: u32,
+    pub turn: u32,
+    pub quiet_pct: u32,
+    pub _reserved: u32,
 }
 
 /// What the workload guest does with its virtio-balloon device
@@ -235,6 +246,11 @@ impl BootInfo {
                 measure_latency: 0,
                 balloon: 0,
                 idle_pages: 0,
+                turn_ms: 0,
+                turns: 0,
+                turn: 0,
+                quiet_pct: 0,
+                _reserved: 0,
             },
         }
     }

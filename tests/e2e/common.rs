@@ -42,6 +42,8 @@ pub struct Row {
     pub exits: u64,
     pub rejected: u64,
     pub hpi: u64,
+    /// Milliseconds vCPUs were blocked on page-ins.
+    pub hpit_ms: f64,
     pub page_outs: u64,
     /// Highest balloon loan, pages (0 without a balloon).
     pub peak_loan: u64,
@@ -57,7 +59,7 @@ pub fn summary(stdout: &str) -> Vec<Row> {
         .take_while(|l| !l.trim().is_empty())
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            assert!(f.len() >= 13, "short summary row: {l}");
+            assert!(f.len() >= 14, "short summary row: {l}");
             let n = |i: usize| f[i].parse::<u64>().unwrap_or_else(|_| panic!("bad number in summary row: {l}"));
             Row {
                 name: f[0].to_string(),
@@ -70,9 +72,10 @@ pub fn summary(stdout: &str) -> Vec<Row> {
                 exits: n(7),
                 rejected: n(8),
                 hpi: n(9),
-                page_outs: n(10),
-                peak_loan: n(11),
-                outcome: f[12..].join(" "),
+                hpit_ms: f[10].parse().unwrap_or_else(|_| panic!("bad hpit-ms in summary row: {l}")),
+                page_outs: n(11),
+                peak_loan: n(12),
+                outcome: f[13..].join(" "),
             }
         })
         .collect()

@@ -5,6 +5,7 @@ mod bad_input;
 mod balloon;
 mod chaos;
 mod common;
+mod demo;
 mod disk;
 mod lifecycle;
 mod paging_server;

@@ -132,7 +132,7 @@ say "amsvm run exit status $?"
     }
     let row = summary_row(&run, "lin").unwrap_or_else(|| fail("amsvm printed no summary row"));
     let f: Vec<&str> = row.split_whitespace().collect();
-    if f.get(10) != Some(&pages.to_string().as_str()) || !row.ends_with("powered off") {
+    if f.get(11) != Some(&pages.to_string().as_str()) || !row.ends_with("powered off") {
         fail(&format!("summary row: peak-loan should be {pages} and the outcome \"powered off\": {row}"));
     }
     if run.l1_value("amsvm run exit status") != Some("0") {

@@ -80,7 +80,7 @@ say "amsvm run exit status $st"
         let row = summary_row(&run, name).unwrap_or_else(|| fail(&format!("amsvm printed no summary row for {name}")));
         let f: Vec<&str> = row.split_whitespace().collect();
         let hpi: u64 = f.get(8).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let page_outs: u64 = f.get(9).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let page_outs: u64 = f.get(10).and_then(|v| v.parse().ok()).unwrap_or(0);
         if hpi == 0 || page_outs == 0 || !row.ends_with("powered off") {
             fail(&format!("partition {name}: want hpi > 0, page-outs > 0 and \"powered off\": {row}"));
         }

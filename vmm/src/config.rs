@@ -165,6 +165,30 @@ pub enum LoanPolicy {
     Aggressive,
 }
 
+impl std::str::FromStr for LoanPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(LoanPolicy::Off),
+            "default" => Ok(LoanPolicy::Default),
+            "aggressive" => Ok(LoanPolicy::Aggressive),
+            _ => Err(format!("unknown loan policy {s:?} (off, default, aggressive)")),
+        }
+    }
+}
+
+impl LoanPolicy {
+    /// The next policy in the order off, default, aggressive (and round again).
+    pub fn next(self) -> LoanPolicy {
+        match self {
+            LoanPolicy::Off => LoanPolicy::Default,
+            LoanPolicy::Default => LoanPolicy::Aggressive,
+            LoanPolicy::Aggressive => LoanPolicy::Off,
+        }
+    }
+}
+
 impl std::fmt::Display for LoanPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -227,6 +251,21 @@ pub struct WorkloadConfig {
     /// "report" (cooperate and report free pages).
     #[serde(default = "default_balloon")]
     pub balloon: String,
+    /// Busy turns (`WorkloadParams::turn_ms`): of every `turns` turns of `turn_ms`, the
+    /// workload is busy in turn `turn` and touches only its first `quiet_pct`% pages in
+    /// the others. `turns` 0 or 1: always busy.
+    #[serde(default)]
+    pub turn_ms: u64,
+    #[serde(default)]
+    pub turns: u32,
+    #[serde(default)]
+    pub turn: u32,
+    #[serde(default = "default_quiet_pct")]
+    pub quiet_pct: u32,
+}
+
+fn default_quiet_pct() -> u32 {
+    10
 }
 
 fn default_balloon() -> String {
@@ -383,11 +422,17 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Setup, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("{}: cannot read config: {e}", path.display())))?;
-        let cfg: Config = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let origin = path.display().to_string();
-        let specs = cfg.validate(&origin, &base)?;
-        let pool = cfg.pool_spec(&origin, &base, &specs)?;
+        Config::from_text(&text, path, &base)
+    }
+
+    /// A config's text, named `origin` in messages, with relative paths resolved
+    /// against `base`.
+    pub fn from_text(text: &str, origin: &Path, base: &Path) -> Result<Setup, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| toml_error(origin, text, &e))?;
+        let origin = origin.display().to_string();
+        let specs = cfg.validate(&origin, base)?;
+        let pool = cfg.pool_spec(&origin, base, &specs)?;
         Ok(Setup { specs, pool })
     }
 
@@ -537,6 +582,17 @@ impl WorkloadConfig {
         if self.hot_access_pct > 100 {
             return err(format!("{what}.hot_access_pct: {} is above 100", self.hot_access_pct));
         }
+        if self.turns > 1 {
+            if self.turn >= self.turns {
+                return err(format!("{what}.turn: {} must be below turns ({})", self.turn, self.turns));
+            }
+            if self.turn_ms == 0 || self.turn_ms > 3_600_000 {
+                return err(format!("{what}.turn_ms: {} must be between 1 and 3600000 with turns > 1", self.turn_ms));
+            }
+            if self.quiet_pct == 0 || self.quiet_pct > 100 {
+                return err(format!("{what}.quiet_pct: {} must be between 1 and 100", self.quiet_pct));
+            }
+        }
         Ok(WorkloadParams {
             working_set_pages: pages,
             pattern,
@@ -555,6 +611,11 @@ impl WorkloadConfig {
             measure_latency: 0,
             balloon,
             idle_pages: idle,
+            turn_ms: self.turn_ms,
+            turns: self.turns,
+            turn: self.turn,
+            quiet_pct: self.quiet_pct,
+            _reserved: 0,
         })
     }
 }
@@ -613,6 +674,16 @@ passes = 2
         assert!(!e.contains('\n'));
         let e = parse(&GOOD.replace("logical_mib = 64", "logical_mib = 64\nmin_mib = 8")).unwrap_err().0;
         assert!(e.contains("only apply with a [pool]"), "{e}");
+        let turns = |t: &str| parse(&GOOD.replace("passes = 2", &format!("passes = 2\n{t}")));
+        let specs = turns("turn_ms = 500\nturns = 4\nturn = 3\nquiet_pct = 30").unwrap();
+        let BootConfig::Native { workload: w, .. } = &specs[0].boot else { panic!("a native partition") };
+        assert_eq!((w.turn_ms, w.turns, w.turn, w.quiet_pct), (500, 4, 3, 30));
+        let e = turns("turn_ms = 500\nturns = 4\nturn = 4").unwrap_err().0;
+        assert!(e.contains("workload.turn: 4 must be below turns (4)"), "{e}");
+        let e = turns("turns = 2").unwrap_err().0;
+        assert!(e.contains("workload.turn_ms: 0"), "{e}");
+        let e = turns("turn_ms = 9\nturns = 2\nquiet_pct = 0").unwrap_err().0;
+        assert!(e.contains("workload.quiet_pct: 0"), "{e}");
     }
 
     fn parse_setup(text: &str) -> Result<Setup, ConfigError> {

@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod dashboard;
 pub mod devices;
 pub mod error;
 pub mod images;
@@ -14,6 +15,7 @@ pub mod pager;
 pub mod paging_server;
 pub mod partition;
 pub mod pool;
+pub mod prometheus;
 
 pub use error::{Error, Result};
 

@@ -2,7 +2,7 @@
 //! Prometheus endpoint alike). Plain relaxed atomics: readers want recent values, not
 //! a consistent snapshot across counters.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use amsvm_abi::Progress;
@@ -65,6 +65,46 @@ pub struct PartitionMetrics {
     pub balloon: Mutex<Option<Arc<crate::devices::virtio::balloon::BalloonState>>>,
     /// Times the loaning policy found this partition's balloon not following its target.
     pub loan_unresponsive: AtomicU64,
+    /// Settings an operator may change while the partition runs.
+    pub tunables: Tunables,
+}
+
+/// A partition's settings that can change while it runs (the control socket's `set`,
+/// `amsvm top`'s keys): the pool reads them at every decision.
+#[derive(Debug, Default)]
+pub struct Tunables {
+    weight: AtomicU8,
+    loan_policy: AtomicU8,
+}
+
+impl Tunables {
+    /// 0–255: a higher weight keeps memory longer under pressure and loans last.
+    pub fn weight(&self) -> u8 {
+        self.weight.load(Relaxed)
+    }
+
+    pub fn set_weight(&self, w: u8) {
+        self.weight.store(w, Relaxed);
+    }
+
+    pub fn loan_policy(&self) -> crate::config::LoanPolicy {
+        use crate::config::LoanPolicy;
+        match self.loan_policy.load(Relaxed) {
+            0 => LoanPolicy::Off,
+            2 => LoanPolicy::Aggressive,
+            _ => LoanPolicy::Default,
+        }
+    }
+
+    pub fn set_loan_policy(&self, p: crate::config::LoanPolicy) {
+        use crate::config::LoanPolicy;
+        let v = match p {
+            LoanPolicy::Off => 0,
+            LoanPolicy::Default => 1,
+            LoanPolicy::Aggressive => 2,
+        };
+        self.loan_policy.store(v, Relaxed);
+    }
 }
 
 /// What every device model reports to its partition's metrics.

@@ -70,6 +70,17 @@ struct Plan {
     max_accesses: u64,
     /// Time budget from `duration_ms` (0 = none).
     duration_ns: u64,
+    /// Busy turns (`WorkloadParams::turn_ms`): pages accessed while quiet (0 = never
+    /// quiet) and the length of a turn.
+    quiet: u64,
+    turn_ns: u64,
+}
+
+impl Plan {
+    /// Is the workload busy at `now` (CLOCK nanoseconds)?
+    fn busy_at(&self, now: u64) -> bool {
+        self.quiet == 0 || (now / self.turn_ns) % self.w.turns as u64 == self.w.turn as u64
+    }
 }
 
 /// Entered from `_start` (rt.rs) with the boot-info address.
@@ -233,8 +244,10 @@ fn run(plan: &Plan, p: &mut Progress, t0: u64, balloon: &mut Balloon) -> u64 {
     let latency_from = if w.measure_latency != 0 { w.latency_from } else { u64::MAX };
     // SAFETY: rdtsc has no memory effects; CPL3 may use it (CR4.TSD is clear).
     let mut last_poll = unsafe { core::arch::x86_64::_rdtsc() };
+    let mut busy = plan.busy_at(hc::clock_ns());
     while accesses < plan.max_accesses {
-        let i = sampler.sample(&mut rng);
+        // Quiet: the first `quiet` pages only; the rest of the working set cools down.
+        let i = if busy { sampler.sample(&mut rng) } else { rng.below(plan.quiet) };
         let write = rng.percent(w.write_pct);
         if accesses >= latency_from {
             // SAFETY: rdtsc has no memory effects; CPL3 may use it (CR4.TSD is clear).
@@ -247,7 +260,7 @@ fn run(plan: &Plan, p: &mut Progress, t0: u64, balloon: &mut Balloon) -> u64 {
             access(plan, i, write, p, &mut printed);
         }
         accesses += 1;
-        if accesses % 64 == 0 && balloon.started() {
+        if accesses.is_multiple_of(64) && balloon.started() {
             // SAFETY: as above.
             let now = unsafe { core::arch::x86_64::_rdtsc() };
             if now.wrapping_sub(last_poll) >= BALLOON_POLL_CYCLES {
@@ -264,6 +277,7 @@ fn run(plan: &Plan, p: &mut Progress, t0: u64, balloon: &mut Balloon) -> u64 {
             if plan.duration_ns != 0 && elapsed >= plan.duration_ns {
                 break;
             }
+            busy = plan.busy_at(now);
             let passes = accesses / n;
             if passes > passes_shown && now.saturating_sub(last_line) >= LINE_INTERVAL_NS {
                 passes_shown = passes;
@@ -408,6 +422,9 @@ fn print_settings(plan: &Plan) {
     if plan.idle > 0 {
         print!(", {} idle pages", plan.idle);
     }
+    if plan.quiet > 0 {
+        print!(", busy in turn {} of {} ({} ms each; quiet: {} pages)", w.turn, w.turns, w.turn_ms, plan.quiet);
+    }
     if plan.balloon.is_some() {
         print!(", balloon {}", if w.balloon == balloon_mode::COOPERATE { "cooperate" } else { "report" });
     }
@@ -494,6 +511,16 @@ fn configure(bi_ptr: *const BootInfo) -> Plan {
         _ => {}
     }
 
+    if w.turns > 1 {
+        ensure!(
+            w.turn < w.turns && w.turn_ms > 0 && w.turn_ms <= 3_600_000 && (1..=100).contains(&w.quiet_pct),
+            "busy turns: turn {} of {} turns of {} ms, quiet_pct {} (need turn < turns, 1..=3600000 ms, quiet_pct 1..=100)",
+            w.turn,
+            w.turns,
+            w.turn_ms,
+            w.quiet_pct
+        );
+    }
     ensure!(w.chaos <= 1, "chaos {} is not 0 (off) or 1 (on)", w.chaos);
     ensure!(
         w.balloon <= balloon_mode::COOPERATE_AND_REPORT,
@@ -621,6 +648,8 @@ fn configure(bi_ptr: *const BootInfo) -> Plan {
         report_every,
         max_accesses: if w.passes == 0 { u64::MAX } else { w.passes.saturating_mul(n) },
         duration_ns: w.duration_ms.saturating_mul(1_000_000),
+        quiet: if w.turns > 1 { (n * w.quiet_pct as u64 / 100).max(1) } else { 0 },
+        turn_ns: w.turn_ms.saturating_mul(1_000_000).max(1),
     }
 }
 

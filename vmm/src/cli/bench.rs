@@ -141,7 +141,7 @@ fn startup_child(n: u32, mem_bytes: u64) -> i32 {
         let total = rss_outside(&[]);
         *sample.lock().unwrap() = (during, total.saturating_sub(during));
     };
-    let reports = match run_specs_observed(&bench_specs(n, mem_bytes), None, super::run::Control::Off, epoch, Some(&observe)) {
+    let reports = match run_specs_observed(&bench_specs(n, mem_bytes), None, super::run::Control::Off, None, epoch, Some(&observe)) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("amsvm: {e}");

@@ -4,9 +4,11 @@
 mod bench;
 mod bench_pool;
 mod boot;
+mod demo;
 mod loan;
 mod run;
 mod stat;
+mod top;
 
 use std::path::PathBuf;
 
@@ -31,7 +33,13 @@ enum Command {
         /// Control socket for `amsvm stat` (default: <runtime dir>/<pid>.sock).
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Serve Prometheus metrics over HTTP at ADDR (e.g. 127.0.0.1:9464), path /metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
+    /// Overcommit to watch, no config needed: the paging-server VM and four workload
+    /// partitions at 2x, with demand moving between them (dashboard, or `--headless`).
+    Demo(demo::DemoArgs),
     /// Boot one Linux guest.
     Boot(boot::BootArgs),
     /// Print the counters of a running amsvm (pool and partitions), read from its
@@ -40,6 +48,8 @@ enum Command {
     /// Hold a partition's balloon target in a running amsvm (`auto`: let the pool's
     /// loaning policy decide again).
     Loan(loan::LoanArgs),
+    /// Watch a running amsvm live: the pool and every partition, with keys to change weights and loan policies (`--headless`: one line per interval).
+    Top(top::TopArgs),
     /// Measurements (not tests): print tables of measured figures.
     Bench {
         #[command(subcommand)]
@@ -67,10 +77,12 @@ pub fn main() -> i32 {
         }
     };
     match cli.cmd {
-        Command::Run { config, console, socket } => run::run(&config, console, socket),
+        Command::Run { config, console, socket, metrics } => run::run(&config, console, socket, metrics),
         Command::Boot(args) => boot::boot(args),
+        Command::Demo(args) => demo::demo(args),
         Command::Stat(args) => stat::stat(args),
         Command::Loan(args) => loan::loan(args),
+        Command::Top(args) => top::top(args),
         Command::Bench { what } => bench::bench(what),
     }
 }

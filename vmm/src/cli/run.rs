@@ -27,21 +27,27 @@ pub enum Control {
 }
 
 pub fn run_specs(specs: &[PartitionSpec], pool: Option<&PoolSpec>, control: Control, epoch: Instant) -> crate::Result<Vec<Report>> {
-    run_specs_observed(specs, pool, control, epoch, None)
+    run_specs_observed(specs, pool, control, None, epoch, None)
 }
 
-/// What an observer of running partitions sees: their counters and the host address
-/// ranges of their guest RAM.
+/// What an observer of running partitions sees: their counters, the host address
+/// ranges of their guest RAM and the registry the control socket serves; `stop_all`
+/// stops every partition.
 pub struct Observed<'a> {
     pub metrics: &'a [Arc<PartitionMetrics>],
     pub guest_ranges: &'a [(u64, u64)],
+    pub registry: &'a Registry,
+    pub stop_all: &'a (dyn Fn() + Sync),
 }
 
-/// [`run_specs`], with `observe` called once every partition is built and started.
+/// [`run_specs`], with a Prometheus listener on `metrics_addr` if given (see
+/// [`crate::prometheus`]), and `observe` called once every partition is built and
+/// started (the partitions run on while it runs; it may stop them).
 pub fn run_specs_observed(
     specs: &[PartitionSpec],
     pool_spec: Option<&PoolSpec>,
     control: Control,
+    metrics_addr: Option<&str>,
     epoch: Instant,
     observe: Option<&(dyn Fn(Observed) + Sync)>,
 ) -> crate::Result<Vec<Report>> {
@@ -77,7 +83,14 @@ pub fn run_specs_observed(
     // every other partition is stopped and the error returned.
     let n = specs.len();
     let ctls: Vec<_> = specs.iter().map(|_| PartitionControl::default()).collect();
-    let metrics: Vec<_> = specs.iter().map(|_| Arc::new(PartitionMetrics::default())).collect();
+    let metrics: Vec<_> = specs
+        .iter()
+        .map(|s| {
+            let m = PartitionMetrics::default();
+            m.tunables.set_loan_policy(s.loan_policy);
+            Arc::new(m)
+        })
+        .collect();
     let registry = Registry::new(
         pool.map(|p| p.pool.metrics.clone()),
         specs
@@ -98,6 +111,22 @@ pub fn run_specs_observed(
         Some(p) => {
             let server = Server::start(&p, registry.clone()).map_err(|e| crate::Error::Other(e.to_string()))?;
             tracing::info!("control socket {}", p.display());
+            Some(server)
+        }
+    };
+    let _metrics_server = match metrics_addr {
+        None => None,
+        Some(addr) => {
+            let (reg, counters) = (registry.clone(), _server.as_ref().map(|s| s.metrics().clone()));
+            let server = crate::prometheus::MetricsServer::start(addr, move || {
+                let mut s = reg.snapshot();
+                if let Some(c) = &counters {
+                    c.fill(&mut s);
+                }
+                s
+            })
+            .map_err(crate::Error::Other)?;
+            eprintln!("amsvm: Prometheus metrics at http://{}/metrics", server.addr());
             Some(server)
         }
     };
@@ -166,7 +195,8 @@ pub fn run_specs_observed(
             drop(g);
             if build_error.lock().unwrap().is_none() {
                 let ranges = ranges.lock().unwrap().clone();
-                f(Observed { metrics: &metrics, guest_ranges: &ranges });
+                let stop_all = || ctls.iter().for_each(PartitionControl::stop);
+                f(Observed { metrics: &metrics, guest_ranges: &ranges, registry: &registry, stop_all: &stop_all });
             }
         }
         let reports = handles.into_iter().map(|h| h.join().expect("partition supervisor panicked")).collect::<Vec<_>>();
@@ -191,14 +221,14 @@ pub fn success(r: &Report) -> bool {
 pub fn print_summary(reports: &[Report]) {
     use std::sync::atomic::Ordering::Relaxed;
     println!(
-        "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10}  outcome",
-        "partition", "touched", "verified", "written", "failures", "disk-ok", "disk-bad", "exits", "rejected", "hpi", "page-outs",
-        "peak-loan"
+        "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10}  outcome",
+        "partition", "touched", "verified", "written", "failures", "disk-ok", "disk-bad", "exits", "rejected", "hpi", "hpit-ms",
+        "page-outs", "peak-loan"
     );
     for r in reports {
         let m = &r.metrics;
         println!(
-            "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10}  {}",
+            "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9} {:>10} {:>10.1} {:>10} {:>10}  {}",
             r.name,
             m.pages_touched.load(Relaxed),
             m.pages_verified.load(Relaxed),
@@ -209,6 +239,7 @@ pub fn print_summary(reports: &[Report]) {
             m.exits.load(Relaxed),
             m.rejected(),
             m.hpi.load(Relaxed),
+            m.hpit_ns.load(Relaxed) as f64 / 1e6,
             m.page_outs.load(Relaxed),
             m.balloon.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |b| b.peak_loaned.load(Relaxed)),
             r.outcome
@@ -216,7 +247,7 @@ pub fn print_summary(reports: &[Report]) {
     }
 }
 
-pub fn run(config: &Path, console: bool, socket: Option<PathBuf>) -> i32 {
+pub fn run(config: &Path, console: bool, socket: Option<PathBuf>, metrics: Option<String>) -> i32 {
     let epoch = Instant::now();
     let (mut specs, pool) = match Config::from_file(config) {
         Ok(s) => (s.specs, s.pool),
@@ -230,7 +261,7 @@ pub fn run(config: &Path, console: bool, socket: Option<PathBuf>) -> i32 {
     }
     eprintln!("amsvm: starting {} partition(s) from {}", specs.len(), config.display());
     let control = socket.map_or(Control::Default, Control::At);
-    let reports = match run_specs(&specs, pool.as_ref(), control, epoch) {
+    let reports = match run_specs_observed(&specs, pool.as_ref(), control, metrics.as_deref(), epoch, None) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("amsvm: {e}");

@@ -29,7 +29,22 @@ pub fn request_stat_timeout(path: &Path, timeout: Duration) -> Result<Snapshot, 
 
 /// Ask the amsvm listening on `path` to hold (or release) a partition's balloon target.
 pub fn request_loan(path: &Path, partition: &str, target: LoanTarget) -> Result<(), ControlError> {
-    match request(path, Request::Loan { partition: partition.to_string(), target }, CLIENT_TIMEOUT)? {
+    request_done(path, Request::Loan { partition: partition.to_string(), target })
+}
+
+/// Ask the amsvm listening on `path` to change a partition's weight and/or loan policy.
+pub fn request_set(
+    path: &Path,
+    partition: &str,
+    weight: Option<u8>,
+    loan_policy: Option<crate::config::LoanPolicy>,
+) -> Result<(), ControlError> {
+    request_done(path, Request::Set { partition: partition.to_string(), weight, loan_policy })
+}
+
+/// Send a request that changes something; Ok when amsvm says it is done.
+fn request_done(path: &Path, req: Request) -> Result<(), ControlError> {
+    match request(path, req, CLIENT_TIMEOUT)? {
         Response { ok: true, .. } => Ok(()),
         Response { ok: false, error, .. } => {
             Err(ControlError::Remote { path: path.to_path_buf(), msg: error.unwrap_or_else(|| "(no message)".into()) })

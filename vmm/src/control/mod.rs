@@ -6,7 +6,9 @@
 //! <- {"ok":true,"stat":{"version":1,"pid":...,"pool":{...},"partitions":[...]}}
 //! -> {"cmd":"loan","partition":"p0","mib":64}      (or "mib":"auto")
 //! <- {"ok":true}
-//! <- {"ok":false,"error":"unknown cmd \"frobnicate\" (known: stat, loan, kill-paging-server)"}
+//! -> {"cmd":"set","partition":"p0","weight":200,"loan_policy":"aggressive"}
+//! <- {"ok":true}
+//! <- {"ok":false,"error":"unknown cmd \"frobnicate\" (known: stat, loan, set, kill-paging-server)"}
 //! ```
 //!
 //! The socket is private to its user (mode 0600, created so that it is never reachable
@@ -23,11 +25,11 @@ mod snapshot;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use client::{request_loan, request_stat, request_stat_timeout, CLIENT_TIMEOUT};
+pub use client::{request_loan, request_set, request_stat, request_stat_timeout, CLIENT_TIMEOUT};
 pub use protocol::{LoanTarget, Request, Response, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES};
 pub use server::{default_dir, default_socket_path, discover, runtime_dir, Limits, Server, ServerMetrics};
 pub use snapshot::{
-    PartitionSnapshot, PartitionState, PoolSnapshot, RegisteredPartition, Registry, Snapshot, PAGE_SIZE, SNAPSHOT_VERSION,
+    BalloonSnapshot, PartitionSnapshot, PartitionState, PoolSnapshot, RegisteredPartition, Registry, Snapshot, PAGE_SIZE, SNAPSHOT_VERSION,
 };
 
 /// What can go wrong with the control socket. Every message names the path and the

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Snapshot;
+use crate::config::LoanPolicy;
 
 /// Longest request line the server reads (newline included). Requests are a few dozen
 /// bytes; a longer line is malformed, answered with an error and its connection closed,
@@ -26,6 +27,9 @@ pub enum Request {
     Loan { partition: String, target: LoanTarget },
     /// Fault injection (tests, demos): end the paging-server VM now; amsvm restarts it.
     KillPagingServer,
+    /// Change a partition's weight and/or loan policy while it runs
+    /// (`{"cmd":"set","partition":"p0","weight":200,"loan_policy":"aggressive"}`).
+    Set { partition: String, weight: Option<u8>, loan_policy: Option<LoanPolicy> },
 }
 
 /// The target of a `loan` request.
@@ -38,7 +42,7 @@ pub enum LoanTarget {
 }
 
 /// Command names, for messages.
-const COMMANDS: [&str; 3] = ["stat", "loan", "kill-paging-server"];
+const COMMANDS: [&str; 4] = ["stat", "loan", "set", "kill-paging-server"];
 
 impl Request {
     /// Parse one request line (without its newline). The error is the message sent back.
@@ -68,6 +72,35 @@ impl Request {
                 };
                 Ok(Request::Loan { partition, target })
             }
+            "set" => {
+                let partition = match obj.get("partition") {
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    _ => return Err("set: \"partition\" must be a partition name".to_string()),
+                };
+                let weight = match obj.get("weight") {
+                    None => None,
+                    Some(v) => match v.as_u64() {
+                        Some(w) if w <= 255 => Some(w as u8),
+                        _ => return Err(format!("set: \"weight\" must be a number 0-255, not {}", echo(&v.to_string()))),
+                    },
+                };
+                let loan_policy = match obj.get("loan_policy") {
+                    None => None,
+                    Some(v) => match v.as_str().and_then(|s| s.parse().ok()) {
+                        Some(p) => Some(p),
+                        None => {
+                            return Err(format!(
+                                "set: \"loan_policy\" must be \"off\", \"default\" or \"aggressive\", not {}",
+                                echo(&v.to_string())
+                            ))
+                        }
+                    },
+                };
+                if weight.is_none() && loan_policy.is_none() {
+                    return Err("set: give \"weight\" and/or \"loan_policy\"".to_string());
+                }
+                Ok(Request::Set { partition, weight, loan_policy })
+            }
             _ => Err(format!("unknown cmd {:?} (known: {})", echo(cmd), COMMANDS.join(", "))),
         }
     }
@@ -77,6 +110,7 @@ impl Request {
             Request::Stat => "stat",
             Request::Loan { .. } => "loan",
             Request::KillPagingServer => "kill-paging-server",
+            Request::Set { .. } => "set",
         }
     }
 
@@ -85,6 +119,16 @@ impl Request {
         let v = match self {
             Request::Stat => serde_json::json!({ "cmd": "stat" }),
             Request::KillPagingServer => serde_json::json!({ "cmd": "kill-paging-server" }),
+            Request::Set { partition, weight, loan_policy } => {
+                let mut v = serde_json::json!({ "cmd": "set", "partition": partition });
+                if let Some(w) = weight {
+                    v["weight"] = serde_json::json!(w);
+                }
+                if let Some(p) = loan_policy {
+                    v["loan_policy"] = serde_json::json!(p.to_string());
+                }
+                v
+            }
             Request::Loan { partition, target } => serde_json::json!({
                 "cmd": "loan",
                 "partition": partition,
@@ -152,7 +196,7 @@ mod tests {
         assert!(Request::parse(b"{}").unwrap_err().contains("no \"cmd\""));
         assert!(Request::parse(br#"{"cmd":7}"#).unwrap_err().contains("must be a string"));
         let e = Request::parse(br#"{"cmd":"frobnicate"}"#).unwrap_err();
-        assert_eq!(e, "unknown cmd \"frobnicate\" (known: stat, loan, kill-paging-server)");
+        assert_eq!(e, "unknown cmd \"frobnicate\" (known: stat, loan, set, kill-paging-server)");
         let long = format!(r#"{{"cmd":"{}"}}"#, "x".repeat(1000));
         assert!(Request::parse(long.as_bytes()).unwrap_err().len() < 200);
         assert!(Request::parse(&[0xff, 0xfe]).is_err());
@@ -163,6 +207,20 @@ mod tests {
         assert_eq!(Request::parse(auto.to_line().trim_end().as_bytes()), Ok(auto));
         for bad in [r#"{"cmd":"loan","mib":3}"#, r#"{"cmd":"loan","partition":"a"}"#, r#"{"cmd":"loan","partition":"a","mib":-1}"#, r#"{"cmd":"loan","partition":"a","mib":"lots"}"#] {
             assert!(Request::parse(bad.as_bytes()).unwrap_err().starts_with("loan: "), "{bad}");
+        }
+        let set = Request::Set { partition: "p0".into(), weight: Some(200), loan_policy: Some(LoanPolicy::Aggressive) };
+        assert_eq!(Request::parse(set.to_line().trim_end().as_bytes()), Ok(set));
+        let w = Request::Set { partition: "p0".into(), weight: Some(0), loan_policy: None };
+        assert_eq!(Request::parse(w.to_line().trim_end().as_bytes()), Ok(w));
+        for (bad, why) in [
+            (r#"{"cmd":"set","partition":"a"}"#, "weight\" and/or"),
+            (r#"{"cmd":"set","weight":3}"#, "partition"),
+            (r#"{"cmd":"set","partition":"a","weight":256}"#, "0-255, not 256"),
+            (r#"{"cmd":"set","partition":"a","weight":"heavy"}"#, "0-255"),
+            (r#"{"cmd":"set","partition":"a","loan_policy":"lavish"}"#, "not \"lavish\""),
+        ] {
+            let e = Request::parse(bad.as_bytes()).unwrap_err();
+            assert!(e.starts_with("set: ") && e.contains(why), "{bad}: {e}");
         }
     }
 }

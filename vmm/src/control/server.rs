@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::protocol::{Request, Response, MAX_REQUEST_BYTES};
-use super::{ControlError, Registry};
+use super::{ControlError, Registry, Snapshot};
 
 /// Longest path a Unix socket can be bound to (`sun_path` holds 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -49,6 +49,15 @@ pub struct ServerMetrics {
     pub rejected: AtomicU64,
     /// Connections refused because [`Limits::max_connections`] were open.
     pub busy: AtomicU64,
+}
+
+impl ServerMetrics {
+    /// Put these counters into a snapshot of the registry.
+    pub fn fill(&self, s: &mut Snapshot) {
+        s.control_requests = self.requests.load(Relaxed);
+        s.control_rejected = self.rejected.load(Relaxed);
+        s.control_busy = self.busy.load(Relaxed);
+    }
 }
 
 /// A running control socket. Dropping it stops the accepting thread and removes the
@@ -376,9 +385,7 @@ impl Connection<'_> {
             Ok(Request::Stat) => {
                 self.metrics.requests.fetch_add(1, Relaxed);
                 let mut s = self.registry.snapshot();
-                s.control_requests = self.metrics.requests.load(Relaxed);
-                s.control_rejected = self.metrics.rejected.load(Relaxed);
-                s.control_busy = self.metrics.busy.load(Relaxed);
+                self.metrics.fill(&mut s);
                 Response::stat(s)
             }
             Ok(Request::KillPagingServer) => {
@@ -389,6 +396,13 @@ impl Connection<'_> {
                         Response::done()
                     }
                     None => Response::error("this amsvm runs no paging server ([paging] backend = \"vm\")"),
+                }
+            }
+            Ok(Request::Set { partition, weight, loan_policy }) => {
+                self.metrics.requests.fetch_add(1, Relaxed);
+                match self.registry.set(&partition, weight, loan_policy) {
+                    Ok(()) => Response::done(),
+                    Err(msg) => Response::error(msg),
                 }
             }
             Ok(Request::Loan { partition, target }) => {

@@ -37,15 +37,17 @@ pub struct RegisteredPartition {
     pub name: String,
     pub logical_mib: u64,
     pub min_mib: u64,
-    pub weight: u8,
     pub metrics: Arc<PartitionMetrics>,
     /// How the partition ended (set by whoever supervises it; `None` while it runs).
     pub outcome: Arc<Mutex<Option<String>>>,
 }
 
 impl RegisteredPartition {
+    /// The entry of a partition whose weight is `weight` (stored in `metrics.tunables`,
+    /// where the operator's changes go too).
     pub fn new(name: impl Into<String>, logical_mib: u64, min_mib: u64, weight: u8, metrics: Arc<PartitionMetrics>) -> Self {
-        RegisteredPartition { name: name.into(), logical_mib, min_mib, weight, metrics, outcome: Arc::default() }
+        metrics.tunables.set_weight(weight);
+        RegisteredPartition { name: name.into(), logical_mib, min_mib, metrics, outcome: Arc::default() }
     }
 
     /// Record how the partition ended (`Outcome`'s text, e.g. "exited ok"). Every clone
@@ -68,7 +70,8 @@ impl RegisteredPartition {
             name: self.name.clone(),
             logical_mib: self.logical_mib,
             min_mib: self.min_mib,
-            weight: self.weight,
+            weight: m.tunables.weight(),
+            loan_policy: m.tunables.loan_policy(),
             state,
             paused_reason: paused,
             outcome,
@@ -104,12 +107,35 @@ impl Registry {
         Registry { pool, partitions, started: Some(Instant::now()), paging_server: None }
     }
 
-    /// Hold partition `name`'s balloon target, or hand it back to the loaning policy.
-    pub fn set_loan(&self, name: &str, target: super::protocol::LoanTarget) -> Result<(), String> {
-        let p = self.partitions.iter().find(|p| p.name == name).ok_or_else(|| {
+    fn find(&self, name: &str) -> Result<&RegisteredPartition, String> {
+        self.partitions.iter().find(|p| p.name == name).ok_or_else(|| {
             let names: Vec<_> = self.partitions.iter().map(|p| p.name.as_str()).collect();
             format!("no partition named {name:?} (partitions: {})", names.join(", "))
-        })?;
+        })
+    }
+
+    /// Change a partition's weight and/or loan policy while it runs (only partitions in
+    /// a pool have either).
+    pub fn set(&self, name: &str, weight: Option<u8>, loan_policy: Option<crate::config::LoanPolicy>) -> Result<(), String> {
+        let p = self.find(name)?;
+        if self.pool.is_none() {
+            return Err(format!("partition {name:?} is not in a pool; weight and loan_policy apply to partitions in a [pool]"));
+        }
+        if weight.is_none() && loan_policy.is_none() {
+            return Err("set: give \"weight\" and/or \"loan_policy\"".to_string());
+        }
+        if let Some(w) = weight {
+            p.metrics.tunables.set_weight(w);
+        }
+        if let Some(lp) = loan_policy {
+            p.metrics.tunables.set_loan_policy(lp);
+        }
+        Ok(())
+    }
+
+    /// Hold partition `name`'s balloon target, or hand it back to the loaning policy.
+    pub fn set_loan(&self, name: &str, target: super::protocol::LoanTarget) -> Result<(), String> {
+        let p = self.find(name)?;
         let b = p.metrics.balloon.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| {
             format!("partition {name:?} has no balloon (only partitions in a [pool] have one)")
         })?;
@@ -271,6 +297,9 @@ pub struct PartitionSnapshot {
     pub logical_mib: u64,
     pub min_mib: u64,
     pub weight: u8,
+    /// How far the pool may ask it to loan (meaningful in a pool only).
+    #[serde(default)]
+    pub loan_policy: crate::config::LoanPolicy,
     pub state: PartitionState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_reason: Option<String>,

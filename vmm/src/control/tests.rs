@@ -166,7 +166,7 @@ fn malformed_requests_are_answered_counted_and_the_server_keeps_serving() {
     // Bad JSON and an unknown cmd: error answers, the connection stays usable.
     let mut c = Raw::connect(&path);
     assert!(c.send(b"stat please\n").error().starts_with("request is not JSON"));
-    assert_eq!(c.send(b"{\"cmd\":\"frobnicate\"}\n").error(), "unknown cmd \"frobnicate\" (known: stat, loan, kill-paging-server)");
+    assert_eq!(c.send(b"{\"cmd\":\"frobnicate\"}\n").error(), "unknown cmd \"frobnicate\" (known: stat, loan, set, kill-paging-server)");
     assert!(c.send(b"{\"cmd\":\"stat\"").send(b"}\r\n").response().ok, "a request split over two writes");
     assert!(c.send(b"[]\n").error().contains("JSON object"));
     drop(c);

@@ -316,7 +316,7 @@ mod tests {
     fn abi_structs_have_no_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<DeviceInfo>(), 8 + 8 + 4 + 4);
-        assert_eq!(size_of::<WorkloadParams>(), 9 * 8 + 8 * 4);
+        assert_eq!(size_of::<WorkloadParams>(), 10 * 8 + 12 * 4);
         assert_eq!(size_of::<BootInfo>(), 64 + 24 * layout::MAX_DEVICES + size_of::<WorkloadParams>());
         assert_eq!(size_of::<amsvm_abi::Mailbox>(), 8 * 8 + size_of::<amsvm_abi::Progress>() + 8 * amsvm_abi::LATENCY_BUCKETS);
     }

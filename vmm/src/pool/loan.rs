@@ -137,7 +137,7 @@ fn round(pool: &Pool) {
                 0
             } else {
                 let above_min = (p.npages as u64).saturating_sub(p.min_pages).saturating_sub(loaned);
-                match p.loan_policy {
+                match p.loan_policy() {
                     LoanPolicy::Off => 0,
                     LoanPolicy::Default => {
                         let free = b.state.guest_stats().get(crate::devices::virtio::balloon::tag::MEMFREE).unwrap_or(0) / 4096;
@@ -154,7 +154,7 @@ fn round(pool: &Pool) {
         if gave_up {
             b.set_target(loaned);
         }
-        cands.push(Candidate { weight: p.weight, loaned: loaned.max(target), room, p });
+        cands.push(Candidate { weight: p.weight(), loaned: loaned.max(target), room, p });
     }
     if free < low {
         // Ask for enough to reach the high watermark, shared by room x (256 - weight),

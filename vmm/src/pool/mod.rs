@@ -297,7 +297,7 @@ impl Pool {
             &parts
                 .iter()
                 .zip(&resident)
-                .map(|(p, &r)| (p.min_pages as f64, p.weight as f64 + 1.0, if is_requester(p) { self.capacity as f64 } else { r }))
+                .map(|(p, &r)| (p.min_pages as f64, p.weight() as f64 + 1.0, if is_requester(p) { self.capacity as f64 } else { r }))
                 .collect::<Vec<_>>(),
         );
         let mut ranked: Vec<(f64, Arc<PartitionPool>)> = parts

@@ -92,7 +92,6 @@ pub struct PartitionPool {
     settled: Condvar,
     pager: Arc<dyn Pager>,
     pub(super) min_pages: u64,
-    pub(super) weight: u8,
     metrics: Arc<PartitionMetrics>,
     /// Held for reading by every page-out of this partition; detaching takes it for
     /// writing, so memory is never unmapped under a page-out.
@@ -107,7 +106,6 @@ pub struct PartitionPool {
     last_harvest: Mutex<Instant>,
     /// The partition's virtio-balloon, once its devices exist.
     balloon: Mutex<Option<BalloonHandle>>,
-    pub(super) loan_policy: LoanPolicy,
     loan_track: Mutex<LoanTrack>,
 }
 
@@ -162,6 +160,8 @@ impl PartitionPool {
         uffd.register_with_mode(base as *mut _, len as usize, RegisterMode::MISSING)
             .map_err(|e| PoolError::Uffd(format!("registering guest memory: {e}")))?;
         let npages = (len / 4096) as usize;
+        metrics.tunables.set_weight(weight);
+        metrics.tunables.set_loan_policy(loan_policy);
         let pp = Arc::new(PartitionPool {
             pool: pool.clone(),
             name: name.to_string(),
@@ -172,7 +172,6 @@ impl PartitionPool {
             settled: Condvar::new(),
             pager,
             min_pages: min_bytes / 4096,
-            weight,
             metrics,
             alive: RwLock::new(true),
             paused: AtomicBool::new(false),
@@ -182,7 +181,6 @@ impl PartitionPool {
             references: Mutex::new(None),
             last_harvest: Mutex::new(Instant::now()),
             balloon: Mutex::new(None),
-            loan_policy,
             loan_track: Mutex::new(LoanTrack::default()),
         });
         pool.register(&pp);
@@ -225,6 +223,16 @@ impl PartitionPool {
 
     pub(super) fn metrics(&self) -> &PartitionMetrics {
         &self.metrics
+    }
+
+    /// The weight now (operators may change it while the partition runs).
+    pub(super) fn weight(&self) -> u8 {
+        self.metrics.tunables.weight()
+    }
+
+    /// The loan policy now (operators may change it while the partition runs).
+    pub(super) fn loan_policy(&self) -> LoanPolicy {
+        self.metrics.tunables.loan_policy()
     }
 
     /// Give the clock a source of reference bits (see [`ReferenceSource`]).
