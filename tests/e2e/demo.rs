@@ -162,7 +162,16 @@ fn demo_runs_four_partitions_with_loaning_and_paging_and_is_watchable() {
     assert_eq!((p1.weight, p1.loan_policy), (128 + 16, LoanPolicy::Aggressive), "p1 after Down, '+', 'l'");
     assert!(!d.on_key(key(KeyCode::Char('q')), &mut src), "q quits");
 
-    std::thread::sleep(Duration::from_secs(2));
+    // amsvm top, attached over the socket, prints one line per interval.
+    let top = amsvm().args(["top", "--headless", "--count", "2", "--interval", "0.5", "--socket"]).arg(&sock).output().unwrap();
+    let top_out = String::from_utf8_lossy(&top.stdout);
+    assert!(top.status.success(), "amsvm top: {}", String::from_utf8_lossy(&top.stderr));
+    assert_eq!(top_out.lines().count(), 2, "{top_out}");
+    for l in top_out.lines() {
+        assert!(l.starts_with("t=") && ["p0", "p1", "p2", "p3"].iter().all(|p| l.contains(&format!("| {p} "))), "{l}");
+        assert!(l.contains("p1 w 144 lp aggressive"), "top shows p1's new weight and policy: {l}");
+    }
+
     let m2 = scrape(&addr);
     let v2 = by_partition(&m2, "amsvm_partition_pages_verified_total");
     assert!(v2.iter().all(|(p, v)| *v >= v1[p]), "counters never go down: {v1:?} -> {v2:?}");
