@@ -37,6 +37,11 @@ fn config_errors_name_file_and_field() {
     let bad_toml = write_config(p, "broken.toml", "[[partition]\nname=");
     expect_bad_input(&["run", bad_toml.to_str().unwrap()], p, &["broken.toml:1"]);
     expect_bad_input(&["run", "does-not-exist.toml"], p, &["does-not-exist.toml", "cannot read"]);
+    let ok = write_config(p, "ok.toml", &native("a", 32, "workload"));
+    expect_bad_input(&["run", ok.to_str().unwrap(), "--metrics", "not-an-address"], p, &["metrics listener on not-an-address"]);
+    expect_bad_input(&["demo", "--headless", "--overcommit", "9"], p, &["--overcommit 9 must be between 1 and 8"]);
+    expect_bad_input(&["demo", "--headless", "--interval", "0"], p, &["--interval 0 must be above 0"]);
+    expect_bad_input(&["top", "--headless", "--socket", "/nonexistent/amsvm.sock"], p, &["/nonexistent/amsvm.sock"]);
 }
 
 #[test]

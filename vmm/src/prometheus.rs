@@ -124,19 +124,23 @@ pub fn exposition(s: &Snapshot) -> String {
     w.out
 }
 
-/// The HTTP listener. It stops when dropped.
-pub struct MetricsServer {
-    http: Arc<tiny_http::Server>,
+/// A bound listening socket, not serving yet: bind before anything else starts, so
+/// that a bad address fails before any VM exists.
+pub struct MetricsListener {
+    http: tiny_http::Server,
     addr: SocketAddr,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl MetricsServer {
-    /// Listen on `addr` and answer `GET /metrics` with `exposition(snapshot())`.
-    pub fn start(addr: &str, snapshot: impl Fn() -> Snapshot + Send + 'static) -> Result<MetricsServer, String> {
+impl MetricsListener {
+    pub fn bind(addr: &str) -> Result<MetricsListener, String> {
         let http = tiny_http::Server::http(addr).map_err(|e| format!("metrics listener on {addr}: {e}"))?;
         let local = http.server_addr().to_ip().ok_or_else(|| format!("metrics listener on {addr}: not an IP address"))?;
-        let http = Arc::new(http);
+        Ok(MetricsListener { http, addr: local })
+    }
+
+    /// Answer `GET /metrics` with `exposition(snapshot())` until the server is dropped.
+    pub fn serve(self, snapshot: impl Fn() -> Snapshot + Send + 'static) -> Result<MetricsServer, String> {
+        let http = Arc::new(self.http);
         let h = http.clone();
         let thread = std::thread::Builder::new()
             .name("metrics".into())
@@ -156,7 +160,21 @@ impl MetricsServer {
                 }
             })
             .map_err(|e| format!("metrics listener: spawning its thread: {e}"))?;
-        Ok(MetricsServer { http, addr: local, thread: Some(thread) })
+        Ok(MetricsServer { http, addr: self.addr, thread: Some(thread) })
+    }
+}
+
+/// The HTTP listener, serving. It stops when dropped.
+pub struct MetricsServer {
+    http: Arc<tiny_http::Server>,
+    addr: SocketAddr,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Listen on `addr` and answer `GET /metrics` with `exposition(snapshot())`.
+    pub fn start(addr: &str, snapshot: impl Fn() -> Snapshot + Send + 'static) -> Result<MetricsServer, String> {
+        MetricsListener::bind(addr)?.serve(snapshot)
     }
 
     /// The address it listens on (with the port the kernel chose for port 0).

@@ -52,6 +52,9 @@ pub fn run_specs_observed(
     observe: Option<&(dyn Fn(Observed) + Sync)>,
 ) -> crate::Result<Vec<Report>> {
     let kvm = kvm_ioctls::Kvm::new().map_err(crate::Error::KvmOpen)?;
+    // Bound first: a bad address fails before any VM exists.
+    let metrics_listener =
+        metrics_addr.map(crate::prometheus::MetricsListener::bind).transpose().map_err(crate::Error::Other)?;
     let image = crate::images::workload_elf();
     let pool = match pool_spec {
         None => None,
@@ -114,11 +117,11 @@ pub fn run_specs_observed(
             Some(server)
         }
     };
-    let _metrics_server = match metrics_addr {
+    let _metrics_server = match metrics_listener {
         None => None,
-        Some(addr) => {
+        Some(listener) => {
             let (reg, counters) = (registry.clone(), _server.as_ref().map(|s| s.metrics().clone()));
-            let server = crate::prometheus::MetricsServer::start(addr, move || {
+            let server = listener.serve(move || {
                 let mut s = reg.snapshot();
                 if let Some(c) = &counters {
                     c.fill(&mut s);
