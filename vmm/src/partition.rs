@@ -81,7 +81,13 @@ pub struct Shared {
     event_cv: Condvar,
     start: Instant,
     epoch: Instant,
+    /// Run when the guest calls WAIT, before it blocks or parks; true = there is work,
+    /// return at once (the paging server hands over its completions this way).
+    pre_wait: Mutex<Option<PreWait>>,
 }
+
+/// See [`Shared::set_pre_wait`].
+pub type PreWait = Box<dyn Fn() -> bool + Send + Sync>;
 
 impl Shared {
     pub fn new(name: &str, metrics: Arc<PartitionMetrics>, epoch: Instant) -> Arc<Self> {
@@ -95,7 +101,18 @@ impl Shared {
             event_cv: Condvar::new(),
             start: Instant::now(),
             epoch,
+            pre_wait: Mutex::new(None),
         })
+    }
+
+    /// What the WAIT hypercall does first (see the field).
+    pub fn set_pre_wait(&self, f: PreWait) {
+        *self.pre_wait.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
+    /// Run the pre-WAIT work; true if it found work for the guest.
+    pub fn pre_wait(&self) -> bool {
+        self.pre_wait.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|f| f())
     }
 
     /// Record how the partition ends (the first outcome wins) and stop it.
@@ -129,6 +146,11 @@ impl Shared {
     pub fn notify_event(&self) {
         *self.event.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.event_cv.notify_all();
+    }
+
+    /// Take a pending event without blocking; true if there was one.
+    pub fn take_event(&self) -> bool {
+        std::mem::replace(&mut *self.event.lock().unwrap_or_else(|e| e.into_inner()), false)
     }
 
     /// Block until [`Shared::notify_event`] or `timeout`; true if an event arrived.
@@ -165,6 +187,8 @@ pub struct Partition {
     kind: BootKind,
     pub shared: Arc<Shared>,
     home: Option<usize>,
+    /// The paging server's VASI channel: its vCPU is shared with the requesters.
+    server_channel: Option<Arc<crate::devices::virtio::vasi::Channel>>,
 }
 
 /// What partitions need to draw their memory from the pool.
@@ -318,6 +342,9 @@ impl Partition {
             let t = Arc::new(Mutex::new(t));
             mmio.insert(base, layout::MMIO_SIZE, t.clone()).map_err(bus_err)?;
             channel.attach_server(mem.clone(), &t, &shared);
+            // Completions the paging server posted before a WAIT are taken then.
+            let ch = Arc::downgrade(channel);
+            shared.set_pre_wait(Box::new(move || ch.upgrade().is_some_and(|c| c.service() > 0)));
             devices.push(DeviceInfo { mmio_base: base, mmio_size: layout::MMIO_SIZE, device_id: paging_server::vasi::DEVICE_ID, irq: gsi });
             true
         } else {
@@ -400,7 +427,11 @@ impl Partition {
             (BootConfig::Native { .. }, None) => unreachable!("native image read above"),
         }
 
-        Ok(Partition { vcpus, event_manager, io, mmio, vm, pool, mem, kind, shared, home })
+        let server_channel = match &spec.role {
+            PartitionRole::PagingServer(c) => Some(c.clone()),
+            PartitionRole::Guest => None,
+        };
+        Ok(Partition { vcpus, event_manager, io, mmio, vm, pool, mem, kind, shared, home, server_channel })
     }
 
     /// Host address ranges `(start, len)` of this partition's guest RAM.
@@ -412,7 +443,7 @@ impl Partition {
     pub fn start(self) -> Result<Running> {
         vcpu::install_kick_handler();
         let home = if self.pool.is_some() { self.home } else { None };
-        let Partition { vcpus, mut event_manager, io, mmio, vm, pool, mem, kind, shared, .. } = self;
+        let Partition { vcpus, mut event_manager, io, mmio, vm, pool, mem, kind, shared, server_channel, .. } = self;
         let mut threads = Vec::new();
         let em_shared = shared.clone();
         let em = std::thread::Builder::new()
@@ -425,8 +456,30 @@ impl Partition {
                 }
             })
             .map_err(|e| Error::Other(format!("cannot start device thread: {e}")))?;
+        let mut shared_vcpu = None;
         for (id, mut fd) in vcpus.into_iter().enumerate() {
-            let ctx = VcpuContext { id: id as u32, kind, io: io.clone(), mmio: mmio.clone(), mem: mem.clone(), shared: shared.clone() };
+            let ctx = VcpuContext {
+                id: id as u32,
+                kind,
+                io: io.clone(),
+                mmio: mmio.clone(),
+                mem: mem.clone(),
+                shared: shared.clone(),
+                park_on_wait: false,
+            };
+            if let Some(channel) = &server_channel {
+                // The paging server (one vCPU): requesters may run it themselves.
+                let sv = Arc::new(vcpu::SharedVcpu::new(fd, ctx));
+                channel.attach_vcpu(&sv);
+                let me = sv.clone();
+                let t = std::thread::Builder::new()
+                    .name(format!("{}-vcpu{id}", shared.name))
+                    .spawn(move || me.serve())
+                    .map_err(|e| Error::Other(format!("cannot start vCPU thread: {e}")))?;
+                threads.push(t);
+                shared_vcpu = Some(sv);
+                continue;
+            }
             let t = std::thread::Builder::new()
                 .name(format!("{}-vcpu{id}", shared.name))
                 .spawn(move || {
@@ -438,7 +491,7 @@ impl Partition {
                 .map_err(|e| Error::Other(format!("cannot start vCPU thread: {e}")))?;
             threads.push(t);
         }
-        Ok(Running { threads, em: Some(em), shared, _vm: vm, _pool: pool, _mem: mem })
+        Ok(Running { threads, em: Some(em), shared, shared_vcpu, _vm: vm, _pool: pool, _mem: mem })
     }
 }
 
@@ -447,6 +500,8 @@ pub struct Running {
     threads: Vec<JoinHandle<()>>,
     em: Option<JoinHandle<()>>,
     pub shared: Arc<Shared>,
+    /// The paging server's vCPU, which other threads may be running.
+    shared_vcpu: Option<Arc<vcpu::SharedVcpu>>,
     // Drop order: the VM, then the pool attachment, then guest memory.
     _vm: Arc<VmFd>,
     _pool: Option<Attached>,
@@ -464,6 +519,9 @@ impl Running {
                 // SAFETY: the thread is alive (not finished, not joined) so its pthread
                 // handle is valid; the kick signal has a no-op handler installed.
                 unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+                if let Some(sv) = &self.shared_vcpu {
+                    sv.kick();
+                }
                 std::thread::sleep(Duration::from_micros(200));
             }
             let _ = t.join();

@@ -181,8 +181,10 @@ impl Vasi {
         self.requests.notify(&self.mmio);
     }
 
-    /// Sends one completion (and notifies): into a free slot, after taking back the
-    /// slots the device returned; waits for one if all are out.
+    /// Posts one completion into a free slot, after taking back the slots the device
+    /// returned (waits for one if all are out). The device sees it at the next
+    /// [`Vasi::notify_completions`] or WAIT hypercall: amsvm takes posted completions
+    /// before a WAIT parks, so handing them over costs no exit of its own.
     pub fn complete(&mut self, c: &Completion) -> Result<(), Error> {
         self.reap()?;
         let n = self.completions.size();
@@ -190,6 +192,8 @@ impl Vasi {
         let slot = if free != 0 {
             free.trailing_zeros() as u16
         } else {
+            // Every slot is out: make sure the device has seen them, then wait.
+            self.completions.notify(&self.mmio);
             let (id, _) = self.completions.wait_used(&self.mmio, hc::clock_ns, COMPLETION_TIMEOUT_NS).map_err(|e| match e {
                 virtio::Error::Timeout => Error::CompletionsStuck,
                 e => Error::Virtio(e),
@@ -209,8 +213,12 @@ impl Vasi {
         self.completions.write_desc(slot, Desc { addr, len: vasi::COMPLETION_BYTES as u32, flags: 0, next: 0 });
         self.sent |= 1 << slot;
         self.completions.push(slot, 1);
-        self.completions.notify(&self.mmio);
         Ok(())
+    }
+
+    /// Tells the device that completions were posted.
+    pub fn notify_completions(&self) {
+        self.completions.notify(&self.mmio);
     }
 
     /// Takes back every completion slot the device returned.

@@ -32,6 +32,8 @@ pub struct VcpuContext {
     pub mmio: Bus,
     pub mem: GuestMemory,
     pub shared: std::sync::Arc<Shared>,
+    /// A [`SharedVcpu`]'s: WAIT parks the vCPU (the loop returns) instead of blocking.
+    pub park_on_wait: bool,
 }
 
 /// The signal used to kick vCPU threads out of KVM_RUN.
@@ -57,10 +59,21 @@ const MAX_WAIT: Duration = Duration::from_millis(100);
 
 /// Run a vCPU until its partition stops. Returns when `shared` has an outcome.
 pub fn run(vcpu: &mut VcpuFd, ctx: &VcpuContext) {
+    while let Some(timeout) = run_until_park(vcpu, ctx) {
+        // Only a parking context returns with a timeout; block as WAIT would.
+        let woke = ctx.shared.wait_event(timeout);
+        write_ret(ctx, woke as u64);
+    }
+}
+
+/// Run a vCPU until its partition stops (None) or, with `park_on_wait`, until the
+/// guest calls WAIT with no event pending (Some(its timeout)); the WAIT's return value
+/// is then written by whoever resumes it ([`write_ret`]).
+fn run_until_park(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Option<Duration> {
     let m = &ctx.shared.metrics;
     loop {
         if ctx.shared.is_stopping() {
-            return;
+            return None;
         }
         let exit = vcpu.run();
         m.exits.fetch_add(1, Relaxed);
@@ -70,7 +83,9 @@ pub fn run(vcpu: &mut VcpuFd, ctx: &VcpuContext) {
         match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if port == HYPERCALL_PORT && ctx.kind == BootKind::Native {
-                    hypercall(ctx, data);
+                    if let Some(timeout) = hypercall(ctx, data) {
+                        return Some(timeout);
+                    }
                 } else if !ctx.io.write(port as u64, data) {
                     m.unknown_io.fetch_add(1, Relaxed);
                     tracing::trace!(partition = %ctx.shared.name, "write to unclaimed port {port:#x}");
@@ -130,13 +145,20 @@ pub fn run(vcpu: &mut VcpuFd, ctx: &VcpuContext) {
     }
 }
 
+/// Write the return value of the hypercall the vCPU is stopped in.
+fn write_ret(ctx: &VcpuContext, v: u64) {
+    let off = core::mem::offset_of!(Mailbox, ret) as u64;
+    let _ = ctx.mem.write_obj(v, GuestAddress(layout::MAILBOX).unchecked_add(off));
+}
+
 /// Handle a native image's hypercall. The mailbox is guest memory: every field is
-/// untrusted and only copied into counters or used as a bounded timeout.
-fn hypercall(ctx: &VcpuContext, data: &[u8]) {
+/// untrusted and only copied into counters or used as a bounded timeout. Returns the
+/// timeout of a WAIT that parks the vCPU (`park_on_wait`, no event pending).
+fn hypercall(ctx: &VcpuContext, data: &[u8]) -> Option<Duration> {
     let m = &ctx.shared.metrics;
     if data.len() != 4 {
         m.bad_hypercalls.fetch_add(1, Relaxed);
-        return;
+        return None;
     }
     let nr = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
     let mb_addr = GuestAddress(layout::MAILBOX);
@@ -144,7 +166,7 @@ fn hypercall(ctx: &VcpuContext, data: &[u8]) {
         Ok(p) => p.0,
         Err(_) => {
             m.bad_hypercalls.fetch_add(1, Relaxed);
-            return;
+            return None;
         }
     };
     m.hypercalls.fetch_add(1, Relaxed);
@@ -162,11 +184,100 @@ fn hypercall(ctx: &VcpuContext, data: &[u8]) {
         hc::CLOCK => ret(ctx.shared.since_start_ns()),
         hc::WAIT => {
             let timeout = Duration::from_nanos(mb.arg[0]).min(MAX_WAIT);
-            ret(ctx.shared.wait_event(timeout) as u64);
+            // Work found before waiting (see `Shared::set_pre_wait`) ends the WAIT at once.
+            let work = ctx.shared.pre_wait();
+            if ctx.park_on_wait {
+                if !work && !ctx.shared.take_event() {
+                    return Some(timeout);
+                }
+                ret(1);
+            } else {
+                ret((work || ctx.shared.wait_event(timeout)) as u64);
+            }
         }
         _ => {
             m.bad_hypercalls.fetch_add(1, Relaxed);
             tracing::debug!(partition = %ctx.shared.name, "unknown hypercall {nr}");
+        }
+    }
+    None
+}
+
+/// A vCPU that any thread may run: the paging server's. Its own thread runs it whenever
+/// it is not parked in WAIT; a thread that hands it a request may run it itself
+/// ([`SharedVcpu::try_run`]) until it parks again, so that the request is served on
+/// the requester's thread with no hand-off to another thread and back (each costs tens
+/// of microseconds on these hosts).
+pub struct SharedVcpu {
+    state: std::sync::Mutex<Parked>,
+    /// The thread in KVM_RUN on it now (pthread_t; 0: none), to kick it when stopping.
+    /// Cleared under the lock, so a kick never signals a thread that moved on.
+    runner: std::sync::Mutex<u64>,
+}
+
+struct Parked {
+    fd: VcpuFd,
+    ctx: VcpuContext,
+    /// Stopped in a WAIT whose return value is not written yet.
+    parked: bool,
+}
+
+impl SharedVcpu {
+    pub fn new(fd: VcpuFd, mut ctx: VcpuContext) -> SharedVcpu {
+        ctx.park_on_wait = true;
+        SharedVcpu { state: std::sync::Mutex::new(Parked { fd, ctx, parked: false }), runner: std::sync::Mutex::new(0) }
+    }
+
+    /// Resume (a parked WAIT returns `ret`) and run until the vCPU parks again; None
+    /// when the partition stops.
+    fn resume(&self, st: &mut Parked, ret: u64) -> Option<Duration> {
+        if st.parked {
+            write_ret(&st.ctx, ret);
+            st.parked = false;
+        }
+        // SAFETY: pthread_self has no preconditions.
+        *self.runner.lock().unwrap_or_else(|e| e.into_inner()) = unsafe { libc::pthread_self() } as u64;
+        let r = run_until_park(&mut st.fd, &st.ctx);
+        *self.runner.lock().unwrap_or_else(|e| e.into_inner()) = 0;
+        st.parked = r.is_some();
+        r
+    }
+
+    /// The vCPU's own thread: run it, and while it is parked, wait for an event (or its
+    /// WAIT's timeout) as the WAIT would. Returns when the partition stops.
+    pub fn serve(&self) {
+        let shared = self.state.lock().unwrap_or_else(|e| e.into_inner()).ctx.shared.clone();
+        let mut woke = false;
+        loop {
+            let park = {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                self.resume(&mut st, woke as u64)
+            };
+            let Some(timeout) = park else { return };
+            woke = shared.wait_event(timeout);
+        }
+    }
+
+    /// Run the parked vCPU on this thread until it parks again, after `prepare` (which
+    /// hands it work; false: there was none to hand, leave it parked). False if another
+    /// thread runs it or it is not parked.
+    pub fn try_run(&self, prepare: impl FnOnce() -> bool) -> bool {
+        let Ok(mut st) = self.state.try_lock() else { return false };
+        if !st.parked || !prepare() {
+            return false;
+        }
+        self.resume(&mut st, 1);
+        true
+    }
+
+    /// Kick the thread that runs it out of the guest (the partition is stopping).
+    pub fn kick(&self) {
+        let t = self.runner.lock().unwrap_or_else(|e| e.into_inner());
+        if *t != 0 {
+            // SAFETY: the thread stored its own pthread_t and cannot clear it (nor go on
+            // and end) while we hold the lock, so it is alive; the kick signal has a
+            // no-op handler.
+            unsafe { libc::pthread_kill(*t as libc::pthread_t, kick_signal()) };
         }
     }
 }

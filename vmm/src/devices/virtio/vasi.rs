@@ -25,6 +25,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
 
 use super::mmio::MmioTransport;
 use super::{guest_caused_warning, read_config_image, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::kvm::vcpu::SharedVcpu;
 use crate::partition::Shared;
 use crate::GuestMemory;
 
@@ -90,6 +91,8 @@ pub struct Channel {
     /// The running paging server: its VASI transport (to hand over requests) and its
     /// shared state (to wake it).
     server: Mutex<(Weak<Mutex<MmioTransport>>, Weak<Shared>)>,
+    /// The running paging server's vCPU, which a requester may run itself.
+    vcpu: Mutex<Weak<SharedVcpu>>,
 }
 
 impl std::fmt::Debug for Channel {
@@ -124,6 +127,7 @@ impl Channel {
             config: vasi::Config { window_gpa, window_pages, devices: partition_ids.len() as u32, partition_ids: ids },
             metrics: Arc::new(VasiMetrics::default()),
             server: Mutex::new((Weak::new(), Weak::new())),
+            vcpu: Mutex::new(Weak::new()),
         })
     }
 
@@ -151,8 +155,14 @@ impl Channel {
         self.cv.notify_all();
     }
 
+    /// The (re)started paging server's vCPU, once it runs.
+    pub fn attach_vcpu(&self, v: &Arc<SharedVcpu>) {
+        *self.vcpu.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(v);
+    }
+
     /// The paging server is gone (until [`attach_server`](Self::attach_server)).
     pub fn detach_server(&self) {
+        *self.vcpu.lock().unwrap_or_else(|e| e.into_inner()) = Weak::new();
         *self.server.lock().unwrap_or_else(|e| e.into_inner()) = (Weak::new(), Weak::new());
         self.lock().mem = None;
     }
@@ -217,7 +227,11 @@ impl Channel {
             id
         };
         self.metrics.requests.fetch_add(1, Relaxed);
-        self.kick();
+        // Serve it on this thread if the paging server is idle; else wake it.
+        let vcpu = self.vcpu.lock().unwrap_or_else(|e| e.into_inner()).upgrade();
+        if !vcpu.is_some_and(|v| v.try_run(|| self.deliver() > 0)) {
+            self.kick();
+        }
         let mut g = self.lock();
         loop {
             match g.requests.get(&id) {
@@ -242,17 +256,31 @@ impl Channel {
         g.requests.values().filter(|s| matches!(s, State::Queued | State::Delivered)).count()
     }
 
-    /// Hand queued requests to the paging server if it has buffers for them.
+    /// Take the completions the paging server posted and hand it queued requests (it
+    /// calls this on its vCPU's thread before a WAIT); the number of requests delivered.
+    pub fn service(&self) -> usize {
+        let t = self.server.lock().unwrap_or_else(|e| e.into_inner()).0.upgrade();
+        let Some(t) = t else { return 0 };
+        let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(d) = t.device_mut().as_any_mut().downcast_mut::<VasiDevice>() else { return 0 };
+        if let Err(e) = d.take_completions() {
+            d.reject(format_args!("completions taken at WAIT: {e}"));
+        }
+        d.pump()
+    }
+
+    /// Put queued requests into the paging server's request buffers; how many.
+    fn deliver(&self) -> usize {
+        let t = self.server.lock().unwrap_or_else(|e| e.into_inner()).0.upgrade();
+        let Some(t) = t else { return 0 };
+        let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+        t.device_mut().as_any_mut().downcast_mut::<VasiDevice>().map_or(0, |d| d.pump())
+    }
+
+    /// Hand queued requests to the paging server if it has buffers for them, and wake it.
     fn kick(&self) {
-        let (t, shared) = {
-            let s = self.server.lock().unwrap_or_else(|e| e.into_inner());
-            (s.0.upgrade(), s.1.upgrade())
-        };
-        let Some(t) = t else { return };
-        let delivered = {
-            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
-            t.device_mut().as_any_mut().downcast_mut::<VasiDevice>().map_or(0, |d| d.pump())
-        };
+        let shared = self.server.lock().unwrap_or_else(|e| e.into_inner()).1.upgrade();
+        let delivered = self.deliver();
         if delivered > 0 {
             if let Some(sh) = shared {
                 sh.notify_event();
@@ -503,7 +531,12 @@ impl VirtioDevice for VasiDevice {
                 self.pump();
                 Ok(())
             }
-            vasi::COMPLETION_QUEUE => self.take_completions(),
+            vasi::COMPLETION_QUEUE => {
+                // Request buffers come back before their completions: fill them again.
+                let r = self.take_completions();
+                self.pump();
+                r
+            }
             _ => Err(VirtioError::InvalidQueue { device: NAME, queue: index, reason: "no such queue".into() }),
         }
     }
