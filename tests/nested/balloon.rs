@@ -47,6 +47,7 @@ stat_until 60 '"active":true' "the guest's virtio_balloon driver starts the devi
     sleep 3 &&
     say "loan {LOAN_MIB}: $(amsvm loan lin {LOAN_MIB} --socket $SOCK 2>&1 && echo set)" &&
     stat_until 60 '"loan_pages":{pages},' "amsvm's loan reaching the {LOAN_MIB} MiB target" &&
+    stat_until 30 '"actual":{pages},' "the driver's actual reaching the loan (it writes it after its last inflate batch)" &&
     say "loaned" &&
     sleep 4 &&
     say "loan 0: $(amsvm loan lin 0 --socket $SOCK 2>&1 && echo set)" &&

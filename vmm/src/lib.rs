@@ -8,6 +8,8 @@ pub mod control;
 pub mod dashboard;
 pub mod devices;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod images;
 pub mod kvm;
 pub mod metrics;

@@ -215,7 +215,7 @@ pub enum LinuxError {
 pub const MIN_RAM: u64 = 2 << 20;
 
 /// Facts about the loaded kernel that the rest of [`load`] needs.
-struct LoadedKernel {
+pub struct LoadedKernel {
     entry: u64,
     /// Setup header to copy into the zero page.
     hdr: setup_header,
@@ -392,8 +392,14 @@ fn load_elf(mem: &GuestMemory, path: &Path, file: &mut File, head: &[u8], ram: u
 
 /// Loads the kernel, detecting its format from its first bytes.
 fn load_kernel(mem: &GuestMemory, path: &Path, ram: u64) -> Result<LoadedKernel, LinuxError> {
+    let file = File::open(path).map_err(|source| LinuxError::KernelRead { path: path.to_owned(), source })?;
+    load_kernel_from(mem, path, file, ram)
+}
+
+/// [`load_kernel`] from an open file (`path` names it in errors); public for fuzzing.
+#[doc(hidden)]
+pub fn load_kernel_from(mem: &GuestMemory, path: &Path, mut file: File, ram: u64) -> Result<LoadedKernel, LinuxError> {
     let read_err = |source| LinuxError::KernelRead { path: path.to_owned(), source };
-    let mut file = File::open(path).map_err(read_err)?;
     let mut head = Vec::with_capacity(1024);
     (&mut file).take(1024).read_to_end(&mut head).map_err(read_err)?;
     if head.starts_with(b"\x7fELF") {

@@ -227,6 +227,15 @@ impl MmioTransport {
         Self::build(device, mem).expect("a valid test device")
     }
 
+    /// A transport with no VM behind it whose queue notifications are processed inline
+    /// (fuzzing: the register interface and the device, driven by writes).
+    #[doc(hidden)]
+    pub fn detached(device: Box<dyn VirtioDevice>, mem: GuestMemory) -> Result<Self, VirtioError> {
+        let mut t = Self::build(device, mem)?;
+        t.inline = true;
+        Ok(t)
+    }
+
     /// The transport without any KVM registration (eventfds exist but nothing in the
     /// kernel writes or reads them).
     fn build(device: Box<dyn VirtioDevice>, mem: GuestMemory) -> Result<Self, VirtioError> {

@@ -160,6 +160,23 @@ impl Channel {
         *self.vcpu.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(v);
     }
 
+    /// The paging server's memory without a running paging server (fuzzing).
+    #[doc(hidden)]
+    pub fn attach_memory(&self, mem: GuestMemory) {
+        self.lock().mem = Some(mem);
+    }
+
+    /// Queue a request without waiting for it (fuzzing: requests for the device to
+    /// hand out).
+    #[doc(hidden)]
+    pub fn queue_request(&self, mut req: Request) {
+        let mut g = self.lock();
+        req.id = g.next_id;
+        g.next_id += 1;
+        g.requests.insert(req.id, State::Queued);
+        g.queued.push_back(req);
+    }
+
     /// The paging server is gone (until [`attach_server`](Self::attach_server)).
     pub fn detach_server(&self) {
         *self.vcpu.lock().unwrap_or_else(|e| e.into_inner()) = Weak::new();

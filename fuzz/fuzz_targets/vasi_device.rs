@@ -1,0 +1,5 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    vmm::fuzz::virtio_device(vmm::fuzz::Device::Vasi, data);
+});
