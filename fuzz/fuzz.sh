@@ -5,7 +5,8 @@
 #
 # Builds the targets with coverage instrumentation (the -C flags cargo-fuzz passes;
 # no sanitizer, so no nightly), runs each for SECONDS on its corpus (fuzz/corpus/T, new
-# inputs are added there), and prints executions, coverage and crashes per target.
+# inputs are added there, then the corpus is merged down to the inputs that add
+# coverage), and prints executions, coverage and crashes per target.
 # Crashing inputs go to fuzz/artifacts/T/. Set JOBS=2 to run two targets at once.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -31,6 +32,12 @@ run() {
     "target/$TRIPLE/release/$t" "corpus/$t" -max_total_time="$SECONDS_EACH" -print_final_stats=1 \
         -max_len=$max_len -rss_limit_mb=2048 -artifact_prefix="artifacts/$t/" > "$LOGS/$t.log" 2>&1
     echo $? > "$LOGS/$t.rc"
+    # Keep the corpus small: only inputs that add coverage stay (libFuzzer's merge).
+    local min="$LOGS/$t.min"
+    mkdir -p "$min"
+    if "target/$TRIPLE/release/$t" -merge=1 -max_len=$max_len "$min" "corpus/$t" > "$LOGS/$t.merge.log" 2>&1; then
+        rm -rf "corpus/$t" && mv "$min" "corpus/$t"
+    fi
     set -e
 }
 JOBS=${JOBS:-1}
