@@ -467,27 +467,25 @@ impl Partition {
                 shared: shared.clone(),
                 park_on_wait: false,
             };
-            if let Some(channel) = &server_channel {
+            let body: Box<dyn FnOnce() + Send> = match &server_channel {
                 // The paging server (one vCPU): requesters may run it themselves.
-                let sv = Arc::new(vcpu::SharedVcpu::new(fd, ctx));
-                channel.attach_vcpu(&sv);
-                let me = sv.clone();
-                let t = std::thread::Builder::new()
-                    .name(format!("{}-vcpu{id}", shared.name))
-                    .spawn(move || me.serve())
-                    .map_err(|e| Error::Other(format!("cannot start vCPU thread: {e}")))?;
-                threads.push(t);
-                shared_vcpu = Some(sv);
-                continue;
-            }
-            let t = std::thread::Builder::new()
-                .name(format!("{}-vcpu{id}", shared.name))
-                .spawn(move || {
+                Some(channel) => {
+                    let sv = Arc::new(vcpu::SharedVcpu::new(fd, ctx));
+                    channel.attach_vcpu(&sv);
+                    let me = sv.clone();
+                    shared_vcpu = Some(sv);
+                    Box::new(move || me.serve())
+                }
+                None => Box::new(move || {
                     if let Some(cpu) = home {
                         pin_current_thread(cpu);
                     }
                     vcpu::run(&mut fd, &ctx)
-                })
+                }),
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("{}-vcpu{id}", shared.name))
+                .spawn(body)
                 .map_err(|e| Error::Other(format!("cannot start vCPU thread: {e}")))?;
             threads.push(t);
         }

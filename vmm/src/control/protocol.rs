@@ -58,10 +58,7 @@ impl Request {
             "stat" => Ok(Request::Stat),
             "kill-paging-server" => Ok(Request::KillPagingServer),
             "loan" => {
-                let partition = match obj.get("partition") {
-                    Some(serde_json::Value::String(s)) => s.clone(),
-                    _ => return Err("loan: \"partition\" must be a partition name".to_string()),
-                };
+                let partition = partition(obj, "loan")?;
                 let target = match obj.get("mib") {
                     Some(serde_json::Value::String(s)) if s == "auto" => LoanTarget::Auto,
                     Some(v) => match v.as_u64() {
@@ -73,10 +70,7 @@ impl Request {
                 Ok(Request::Loan { partition, target })
             }
             "set" => {
-                let partition = match obj.get("partition") {
-                    Some(serde_json::Value::String(s)) => s.clone(),
-                    _ => return Err("set: \"partition\" must be a partition name".to_string()),
-                };
+                let partition = partition(obj, "set")?;
                 let weight = match obj.get("weight") {
                     None => None,
                     Some(v) => match v.as_u64() {
@@ -139,6 +133,14 @@ impl Request {
             }),
         };
         format!("{v}\n")
+    }
+}
+
+/// The `"partition"` field of a `cmd` request.
+fn partition(obj: &serde_json::Map<String, serde_json::Value>, cmd: &str) -> Result<String, String> {
+    match obj.get("partition") {
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        _ => Err(format!("{cmd}: \"partition\" must be a partition name")),
     }
 }
 

@@ -59,11 +59,10 @@ const MAX_WAIT: Duration = Duration::from_millis(100);
 
 /// Run a vCPU until its partition stops. Returns when `shared` has an outcome.
 pub fn run(vcpu: &mut VcpuFd, ctx: &VcpuContext) {
-    while let Some(timeout) = run_until_park(vcpu, ctx) {
-        // Only a parking context returns with a timeout; block as WAIT would.
-        let woke = ctx.shared.wait_event(timeout);
-        write_ret(ctx, woke as u64);
-    }
+    debug_assert!(!ctx.park_on_wait, "a parking vCPU is run by SharedVcpu");
+    // Without `park_on_wait`, WAIT blocks in place and this returns only at the end.
+    let parked = run_until_park(vcpu, ctx);
+    debug_assert!(parked.is_none());
 }
 
 /// Run a vCPU until its partition stops (None) or, with `park_on_wait`, until the
@@ -170,10 +169,7 @@ fn hypercall(ctx: &VcpuContext, data: &[u8]) -> Option<Duration> {
         }
     };
     m.hypercalls.fetch_add(1, Relaxed);
-    let ret = |v: u64| {
-        let off = core::mem::offset_of!(Mailbox, ret) as u64;
-        let _ = ctx.mem.write_obj(v, mb_addr.unchecked_add(off));
-    };
+    let ret = |v: u64| write_ret(ctx, v);
     match nr {
         hc::PROGRESS => m.set_progress(&mb.progress),
         hc::EXIT => {

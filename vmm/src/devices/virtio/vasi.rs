@@ -276,22 +276,25 @@ impl Channel {
     /// Take the completions the paging server posted and hand it queued requests (it
     /// calls this on its vCPU's thread before a WAIT); the number of requests delivered.
     pub fn service(&self) -> usize {
-        let t = self.server.lock().unwrap_or_else(|e| e.into_inner()).0.upgrade();
-        let Some(t) = t else { return 0 };
-        let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(d) = t.device_mut().as_any_mut().downcast_mut::<VasiDevice>() else { return 0 };
-        if let Err(e) = d.take_completions() {
-            d.reject(format_args!("completions taken at WAIT: {e}"));
-        }
-        d.pump()
+        self.with_device(|d| {
+            if let Err(e) = d.take_completions() {
+                d.reject(format_args!("completions taken at WAIT: {e}"));
+            }
+            d.pump()
+        })
+        .unwrap_or(0)
     }
 
     /// Put queued requests into the paging server's request buffers; how many.
     fn deliver(&self) -> usize {
-        let t = self.server.lock().unwrap_or_else(|e| e.into_inner()).0.upgrade();
-        let Some(t) = t else { return 0 };
+        self.with_device(VasiDevice::pump).unwrap_or(0)
+    }
+
+    /// Run `f` on the running paging server's VASI device, under its transport's lock.
+    fn with_device<R>(&self, f: impl FnOnce(&mut VasiDevice) -> R) -> Option<R> {
+        let t = self.server.lock().unwrap_or_else(|e| e.into_inner()).0.upgrade()?;
         let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
-        t.device_mut().as_any_mut().downcast_mut::<VasiDevice>().map_or(0, |d| d.pump())
+        t.device_mut().as_any_mut().downcast_mut::<VasiDevice>().map(f)
     }
 
     /// Hand queued requests to the paging server if it has buffers for them, and wake it.
