@@ -166,7 +166,9 @@ pub struct WorkloadParams {
     pub turns: u32,
     pub turn: u32,
     pub quiet_pct: u32,
-    pub _reserved: u32,
+    /// Fault campaign: the balloon driver stops answering (no inflate, deflate or
+    /// statistics any more) this many milliseconds after the workload starts; 0 = never.
+    pub balloon_silent_ms: u32,
 }
 
 /// What the workload guest does with its virtio-balloon device
@@ -250,7 +252,7 @@ impl BootInfo {
                 turns: 0,
                 turn: 0,
                 quiet_pct: 0,
-                _reserved: 0,
+                balloon_silent_ms: 0,
             },
         }
     }

@@ -42,6 +42,8 @@ fn config_errors_name_file_and_field() {
     expect_bad_input(&["demo", "--headless", "--overcommit", "9"], p, &["--overcommit 9 must be between 1 and 8"]);
     expect_bad_input(&["demo", "--headless", "--interval", "0"], p, &["--interval 0 must be above 0"]);
     expect_bad_input(&["top", "--headless", "--socket", "/nonexistent/amsvm.sock"], p, &["/nonexistent/amsvm.sock"]);
+    expect_bad_input(&["destroy", "p0", "--socket", "/nonexistent/amsvm.sock"], p, &["/nonexistent/amsvm.sock"]);
+    expect_bad_input(&["resume", "p0", "--socket", "/nonexistent/amsvm.sock"], p, &["/nonexistent/amsvm.sock"]);
 }
 
 #[test]

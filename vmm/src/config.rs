@@ -262,6 +262,14 @@ pub struct WorkloadConfig {
     pub turn: u32,
     #[serde(default = "default_quiet_pct")]
     pub quiet_pct: u32,
+    /// Fault campaign: the balloon driver goes silent after this many ms (0 = never;
+    /// `WorkloadParams::balloon_silent_ms`).
+    #[serde(default)]
+    pub balloon_silent_ms: u32,
+    /// Time every access from this one on (counted from 0) in the latency histogram
+    /// (`WorkloadParams::latency_from`); absent: never.
+    #[serde(default)]
+    pub latency_from: Option<u64>,
 }
 
 fn default_quiet_pct() -> u32 {
@@ -607,15 +615,15 @@ impl WorkloadConfig {
             phase_accesses: if self.phase_accesses == 0 { pages * 2 } else { self.phase_accesses },
             report_every: self.report_every,
             disk_test_blocks: self.disk_test_blocks,
-            latency_from: u64::MAX,
-            measure_latency: 0,
+            latency_from: self.latency_from.unwrap_or(u64::MAX),
+            measure_latency: u32::from(self.latency_from.is_some()),
             balloon,
             idle_pages: idle,
             turn_ms: self.turn_ms,
             turns: self.turns,
             turn: self.turn,
             quiet_pct: self.quiet_pct,
-            _reserved: 0,
+            balloon_silent_ms: self.balloon_silent_ms,
         })
     }
 }

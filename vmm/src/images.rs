@@ -40,6 +40,11 @@ mod loan;
 #[allow(dead_code)]
 #[path = "../../guest-images/workload/src/sampler.rs"]
 mod sampler;
+// The workload's kernel command-line settings (off amsvm); its tests are in the file.
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../../guest-images/workload/src/cmdline.rs"]
+mod cmdline;
 
 #[cfg(test)]
 mod tests {
@@ -108,6 +113,25 @@ mod tests {
     #[test]
     fn workload_is_a_static_elf64_x86_64_executable_above_image_min() {
         check_native_shape(workload_elf());
+    }
+
+    /// The workload boots under other VMMs too (docs/workload.md): a PT_NOTE with
+    /// XEN_ELFNOTE_PHYS32_ENTRY (name "Xen", type 18) names its PVH entry, a 32-bit
+    /// address in the executable segment, apart from the ELF entry.
+    #[test]
+    fn workload_announces_a_pvh_entry() {
+        let elf = workload_elf();
+        let phdrs = program_headers(elf);
+        let note = phdrs.iter().find(|p| p.ty == 4).expect("no PT_NOTE");
+        let n = &elf[note.offset as usize..(note.offset + note.filesz) as usize];
+        let (namesz, descsz, ty) = (u32_at(n, 0), u32_at(n, 4), u32_at(n, 8));
+        assert_eq!((namesz, ty, &n[12..16]), (4, 18, &b"Xen\0"[..]), "first note");
+        // QEMU reads 8 bytes from an ELF64 note, linux-loader the first 4.
+        assert_eq!(descsz, 8);
+        let pvh = u64_at(n, 16);
+        assert!(pvh < 1 << 32 && pvh != u64_at(elf, 0x18), "PVH entry {pvh:#x}");
+        let text = phdrs.iter().find(|p| p.ty == 1 && p.flags & 1 != 0).unwrap();
+        assert!(pvh >= text.vaddr && pvh < text.vaddr + text.memsz, "PVH entry {pvh:#x} outside the code");
     }
 
     #[test]

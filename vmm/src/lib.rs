@@ -8,6 +8,7 @@ pub mod control;
 pub mod dashboard;
 pub mod devices;
 pub mod error;
+pub mod faults;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod images;
@@ -18,6 +19,7 @@ pub mod paging_server;
 pub mod partition;
 pub mod pool;
 pub mod prometheus;
+pub mod seccomp;
 
 pub use error::{Error, Result};
 

@@ -54,6 +54,12 @@ pub struct PartitionMetrics {
     pub cluster_reads: AtomicU64,
     /// Pool: bytes this partition's paging device holds.
     pub pager_bytes: AtomicU64,
+    /// Pool: paging-device operations tried again after an I/O error.
+    pub pager_retries: AtomicU64,
+    /// Pool: times the partition was paused on a paging-device error.
+    pub pauses: AtomicU64,
+    /// Pool: times the partition was resumed after a pause.
+    pub resumes: AtomicU64,
     /// Pool: the partition is paused because of this error (empty: running).
     pub paused: Mutex<Option<String>>,
     /// The workload's access-time histogram (TSC cycles, `amsvm_abi::latency_bucket`),

@@ -49,7 +49,7 @@ fn call(ch: &Arc<Channel>, req: Request) -> Completion {
     let (tx, rx) = mpsc::channel();
     let c = ch.clone();
     std::thread::spawn(move || {
-        let _ = tx.send(c.call(req));
+        let _ = tx.send(c.call(c.generation(), req));
     });
     match rx.recv_timeout(PATIENCE) {
         Ok(CallOutcome::Done(c)) => c,
@@ -67,7 +67,7 @@ fn expect(ch: &Arc<Channel>, req: Request, want: (u32, u32)) -> u64 {
 
 fn read_window(ch: &Channel, page: u32) -> Vec<u8> {
     let mut b = vec![0u8; PAGE];
-    assert!(ch.read_window(page, &mut b), "the paging server is down");
+    assert!(ch.read_window(ch.generation(), page, &mut b), "the paging server is down");
     b
 }
 
@@ -181,7 +181,7 @@ impl Fixture {
 
     /// Write `pages` into the window from `window_page` and page them out to `slots`.
     fn page_out(&self, dev: u32, window_page: u32, slots: &[u32], pages: &[Vec<u8>]) -> u64 {
-        assert!(self.ch().write_window(window_page, &refs(pages)), "the paging server is down");
+        assert!(self.ch().write_window(self.ch().generation(), window_page, &refs(pages)), "the paging server is down");
         expect(self.ch(), Request::new(0, op::PAGE_OUT, dev, window_page, slots), (status::OK, slots.len() as u32))
     }
 
@@ -307,7 +307,7 @@ fn every_malformed_request_is_answered_bad_request_counted_and_not_carried_out()
     assert_eq!(used(&maps[0]), vec![100, 102, 103, 104]);
     // Every window page gets a marker: a refused PAGE_IN must not touch it.
     let marker: Vec<Vec<u8>> = (0..WINDOW_PAGES).map(|w| pattern(9, w, 9)).collect();
-    assert!(fx.ch().write_window(0, &refs(&marker)));
+    assert!(fx.ch().write_window(fx.ch().generation(), 0, &refs(&marker)));
 
     let with_count = |mut r: Request, n: u32| {
         r.count = n;
@@ -477,11 +477,11 @@ fn concurrent_callers_each_get_their_own_pages() {
                     let slots: Vec<u32> = (first..first + n).collect();
                     let pages: Vec<Vec<u8>> = slots.iter().map(|&s| pattern(0, s, 3)).collect();
                     let w = ch.take_window(n);
-                    assert!(ch.write_window(w, &refs(&pages)));
+                    assert!(ch.write_window(ch.generation(), w, &refs(&pages)));
                     expect(&ch, Request::new(0, op::PAGE_OUT, 0, w, &slots), (status::OK, n));
                     // Clobber the window so that the page-in has to bring the data back.
                     let zero = vec![vec![0u8; PAGE]; n as usize];
-                    assert!(ch.write_window(w, &refs(&zero)));
+                    assert!(ch.write_window(ch.generation(), w, &refs(&zero)));
                     expect(&ch, Request::new(0, op::PAGE_IN, 0, w, &slots), (status::OK, n));
                     for k in 0..n {
                         assert!(read_window(&ch, w + k) == pages[k as usize], "thread {th} round {i}: slot {}", slots[k as usize]);

@@ -39,10 +39,13 @@ pub enum Outcome {
     Reset,
     /// The guest or KVM failed; the text says how.
     Crashed(String),
-    /// Stopped because its paging device failed; the text names the device and error.
+    /// Ended while paused because its paging device failed (nobody resumed it); the
+    /// text names the device and error.
     Paused(String),
     /// amsvm stopped it.
     Stopped,
+    /// Destroyed on the operator's request.
+    Destroyed,
 }
 
 impl std::fmt::Display for Outcome {
@@ -55,6 +58,7 @@ impl std::fmt::Display for Outcome {
             Outcome::Crashed(why) => write!(f, "crashed: {why}"),
             Outcome::Paused(why) => write!(f, "paused: {why}"),
             Outcome::Stopped => write!(f, "stopped"),
+            Outcome::Destroyed => write!(f, "destroyed on request"),
         }
     }
 }
@@ -84,6 +88,8 @@ pub struct Shared {
     /// Run when the guest calls WAIT, before it blocks or parks; true = there is work,
     /// return at once (the paging server hands over its completions this way).
     pre_wait: Mutex<Option<PreWait>>,
+    /// Its memory in the pool, when it has one.
+    pool: Mutex<Option<std::sync::Weak<PartitionPool>>>,
 }
 
 /// See [`Shared::set_pre_wait`].
@@ -102,6 +108,7 @@ impl Shared {
             start: Instant::now(),
             epoch,
             pre_wait: Mutex::new(None),
+            pool: Mutex::new(None),
         })
     }
 
@@ -266,9 +273,11 @@ impl Partition {
                         Arc::new(LocalStore::create(&file).map_err(|e| Error::Other(format!("paging store: {e}")))?)
                     }
                 };
+                let pager = Arc::new(crate::pager::Retrying::new(pager, shared.metrics.clone()));
                 let (base, len) = crate::kvm::memory::host_ranges(&mem)[0];
-                let sh = shared.clone();
-                let on_pause: PauseSink = Box::new(move |why| sh.finish(Outcome::Paused(why)));
+                // A paused partition waits to be resumed (`PartitionControl::resume`)
+                // or ended (by whoever supervises the run).
+                let on_pause: PauseSink = Box::new(|_| {});
                 let pp = PartitionPool::attach(
                     &ctx.pool,
                     &spec.name,
@@ -283,6 +292,7 @@ impl Partition {
                     home,
                 )
                 .map_err(|e| Error::Other(format!("pool: {e}")))?;
+                *shared.pool.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(&pp));
                 Some(Attached(pp))
             }
         };
@@ -353,8 +363,11 @@ impl Partition {
         for (i, d) in spec.disks.iter().enumerate() {
             let (base, gsi) = device_slot(devices.len());
             let id = format!("{}-disk{i}", spec.name);
-            let blk = VirtioBlock::new(&d.path, d.read_only, &id)
+            let mut blk = VirtioBlock::new(&d.path, d.read_only, &id)
                 .map_err(|e| Error::Device(format!("partition \"{}\": disk {}: {e}", spec.name, d.path.display())))?;
+            if inline {
+                blk.set_paging_device();
+            }
             shared.metrics.add_device(blk.metrics());
             let t = if inline {
                 MmioTransport::new_inline(Box::new(blk), mem.clone(), &vm, base, gsi)
@@ -449,6 +462,7 @@ impl Partition {
         let em = std::thread::Builder::new()
             .name(format!("{}-dev", shared.name))
             .spawn(move || {
+                crate::seccomp::apply(crate::seccomp::Kind::Device);
                 while !em_shared.is_stopping() {
                     if let Err(e) = event_manager.run_with_timeout(50) {
                         em_shared.finish(Outcome::Crashed(format!("device event loop failed: {e:?}")));
@@ -474,12 +488,17 @@ impl Partition {
                     channel.attach_vcpu(&sv);
                     let me = sv.clone();
                     shared_vcpu = Some(sv);
-                    Box::new(move || me.serve())
+                    // Its devices run inline on it (paging I/O), as when a pager runs it.
+                    Box::new(move || {
+                        crate::seccomp::apply(crate::seccomp::Kind::Pager);
+                        me.serve()
+                    })
                 }
                 None => Box::new(move || {
                     if let Some(cpu) = home {
                         pin_current_thread(cpu);
                     }
+                    crate::seccomp::apply(crate::seccomp::Kind::Vcpu);
                     vcpu::run(&mut fd, &ctx)
                 }),
             };
@@ -542,24 +561,71 @@ pub struct Report {
 /// Resets tolerated before a partition is declared to be in a reset loop.
 pub const MAX_RESETS: u64 = 16;
 
-/// Stops a supervised partition from outside, whatever incarnation is running.
+/// Ends, resumes or looks at a supervised partition from outside, whatever incarnation
+/// is running.
 #[derive(Default)]
 pub struct PartitionControl {
-    stop: AtomicBool,
+    /// How it was ended from outside, once it was.
+    ended: Mutex<Option<Outcome>>,
     current: Mutex<Option<Arc<Shared>>>,
 }
 
+impl std::fmt::Debug for PartitionControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionControl").field("ended", &*self.ended.lock().unwrap_or_else(|e| e.into_inner())).finish_non_exhaustive()
+    }
+}
+
 impl PartitionControl {
+    /// Stop it (amsvm is stopping).
     pub fn stop(&self) {
-        self.stop.store(true, Relaxed);
+        self.end(Outcome::Stopped);
+    }
+
+    /// Destroy it on the operator's request: its vCPUs stop wherever they are (in a
+    /// page-in too), its memory and paging device go back to the pool.
+    pub fn destroy(&self) {
+        self.end(Outcome::Destroyed);
+    }
+
+    /// End it with `o` (a paused partition ends as paused, with its reason).
+    fn end(&self, o: Outcome) {
+        let o = match (o, self.paused()) {
+            (Outcome::Stopped, Some(why)) => Outcome::Paused(why),
+            (o, _) => o,
+        };
+        self.ended.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(o.clone());
         if let Some(s) = self.current.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            s.finish(Outcome::Stopped);
+            s.finish(o);
         }
     }
+
+    fn is_ended(&self) -> bool {
+        self.ended.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// Why the running incarnation is paused, if it is.
+    pub fn paused(&self) -> Option<String> {
+        let cur = self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let why = cur.metrics.paused.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        why.filter(|_| !cur.is_stopping())
+    }
+
+    /// Resume it after a pause (see [`crate::pool::PartitionPool::resume`]).
+    pub fn resume(&self) -> std::result::Result<(), String> {
+        let cur = self.current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let pool = cur.filter(|s| !s.is_stopping()).and_then(|s| s.pool.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|w| w.upgrade()));
+        match pool {
+            None => Err("it is not running in a pool".to_string()),
+            Some(p) if p.resume() => Ok(()),
+            Some(_) => Err("it is not paused".to_string()),
+        }
+    }
+
     fn set_current(&self, s: Arc<Shared>) {
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
-        if self.stop.load(Relaxed) {
-            s.finish(Outcome::Stopped);
+        if let Some(o) = self.ended.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            s.finish(o);
         }
     }
 }
@@ -594,7 +660,7 @@ pub fn supervise(
                 }
             }
         };
-        if outcome == Outcome::Reset && !ctl.stop.load(Relaxed) {
+        if outcome == Outcome::Reset && !ctl.is_ended() {
             let n = metrics.resets.fetch_add(1, Relaxed) + 1;
             if n <= MAX_RESETS {
                 tracing::info!(partition = %spec.name, "reset #{n}: rebuilding the partition");

@@ -127,24 +127,35 @@ pub fn exposition(s: &Snapshot) -> String {
 /// A bound listening socket, not serving yet: bind before anything else starts, so
 /// that a bad address fails before any VM exists.
 pub struct MetricsListener {
-    http: tiny_http::Server,
+    listener: std::net::TcpListener,
     addr: SocketAddr,
 }
 
 impl MetricsListener {
     pub fn bind(addr: &str) -> Result<MetricsListener, String> {
-        let http = tiny_http::Server::http(addr).map_err(|e| format!("metrics listener on {addr}: {e}"))?;
-        let local = http.server_addr().to_ip().ok_or_else(|| format!("metrics listener on {addr}: not an IP address"))?;
-        Ok(MetricsListener { http, addr: local })
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| format!("metrics listener on {addr}: {e}"))?;
+        let local = listener.local_addr().map_err(|e| format!("metrics listener on {addr}: {e}"))?;
+        Ok(MetricsListener { listener, addr: local })
     }
 
     /// Answer `GET /metrics` with `exposition(snapshot())` until the server is dropped.
     pub fn serve(self, snapshot: impl Fn() -> Snapshot + Send + 'static) -> Result<MetricsServer, String> {
-        let http = Arc::new(self.http);
-        let h = http.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let listener = self.listener;
         let thread = std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
+                // The filter comes first: tiny_http's accepting thread and the threads it
+                // starts for connections, which read the requests, inherit it.
+                crate::seccomp::apply(crate::seccomp::Kind::Control);
+                let h = match tiny_http::Server::from_listener(listener, None) {
+                    Ok(h) => Arc::new(h),
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("metrics listener: {e}")));
+                        return;
+                    }
+                };
+                let _ = tx.send(Ok(h.clone()));
                 for req in h.incoming_requests() {
                     let path = req.url().split('?').next().unwrap_or("");
                     let resp = if *req.method() != tiny_http::Method::Get {
@@ -160,6 +171,12 @@ impl MetricsListener {
                 }
             })
             .map_err(|e| format!("metrics listener: spawning its thread: {e}"))?;
+        // The server is dropped last by `MetricsServer` on the caller's thread (its drop
+        // connects to the listener to wake the accepting thread: not a filtered call).
+        let http = match rx.recv() {
+            Ok(r) => r?,
+            Err(_) => return Err("metrics listener: its thread ended before serving".into()),
+        };
         Ok(MetricsServer { http, addr: self.addr, thread: Some(thread) })
     }
 }

@@ -13,7 +13,7 @@
 //! page lives in the workload's version table ([`crate::loan::LOANED`], ...). A device
 //! error is printed once and the driver stops using the device.
 
-use crate::hc;
+use crate::platform;
 use crate::loan::{self, Loans, Step, PFNS_PER_PAGE};
 use crate::virtio::{self, status, Buf, Mmio, Queue};
 use amsvm_abi::balloon as mode;
@@ -115,6 +115,8 @@ pub struct Balloon {
     mem_bytes: u64,
     /// The device failed and the driver stopped using it.
     failed: bool,
+    /// The driver went silent on purpose ([`Balloon::go_silent`]).
+    silent: bool,
     pub counters: Counters,
 }
 
@@ -131,6 +133,7 @@ impl Balloon {
             idle_versions: core::ptr::null_mut(),
             mem_bytes: 0,
             failed: false,
+            silent: false,
             counters: Counters { inflated: 0, deflated: 0, reported: 0, stats_served: 0 },
         }
     }
@@ -181,6 +184,16 @@ impl Balloon {
     /// Whether [`Balloon::start`] ran.
     pub fn started(&self) -> bool {
         self.started
+    }
+
+    /// Stop answering the device for good (the fault campaign's silent driver): the
+    /// loans stay where they are, targets and statistics requests go unanswered.
+    pub fn go_silent(&mut self) {
+        self.silent = true;
+    }
+
+    pub fn silent(&self) -> bool {
+        self.silent
     }
 
     /// Whether a device error made the driver stop.
@@ -234,7 +247,7 @@ impl Balloon {
             }
             // SAFETY: next..end lies below `idle`.
             unsafe { set_versions(self.idle_versions, next..end, loan::REPORTED) };
-            q.request(&dev.mmio, &bufs[..n], hc::clock_ns, REQUEST_TIMEOUT_NS).map_err(|e| Error::Virtio("reporting_vq", e))?;
+            q.request(&dev.mmio, &bufs[..n], platform::clock_ns, REQUEST_TIMEOUT_NS).map_err(|e| Error::Virtio("reporting_vq", e))?;
             self.counters.reported += end - next;
             next = end;
         }
@@ -242,6 +255,9 @@ impl Balloon {
 
     /// One round of driver work: follow the target, serve the statistics.
     pub fn poll(&mut self) {
+        if self.silent {
+            return;
+        }
         if let Err(e) = self.try_poll() {
             self.fail(e);
         }
@@ -281,11 +297,11 @@ impl Balloon {
                 unsafe { set_versions(self.idle_versions, idle, loan::LOANED) };
                 self.loans.inflated(count);
                 self.counters.inflated += count as u64;
-                dev.inflate.request(&dev.mmio, &buf, hc::clock_ns, REQUEST_TIMEOUT_NS).map_err(|e| Error::Virtio("inflateq", e))?;
+                dev.inflate.request(&dev.mmio, &buf, platform::clock_ns, REQUEST_TIMEOUT_NS).map_err(|e| Error::Virtio("inflateq", e))?;
             } else {
                 // MUST_TELL_HOST: the pages stay loaned until the device has used the
                 // buffer.
-                dev.deflate.request(&dev.mmio, &buf, hc::clock_ns, REQUEST_TIMEOUT_NS).map_err(|e| Error::Virtio("deflateq", e))?;
+                dev.deflate.request(&dev.mmio, &buf, platform::clock_ns, REQUEST_TIMEOUT_NS).map_err(|e| Error::Virtio("deflateq", e))?;
                 // SAFETY: as above.
                 unsafe { set_versions(self.idle_versions, idle, 0) };
                 self.loans.deflated(count);

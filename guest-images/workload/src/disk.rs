@@ -4,7 +4,7 @@
 
 use crate::page::{self, Expected, PAGE_SIZE};
 use crate::virtio::{self, Buf, Mmio, Queue};
-use crate::hc;
+use crate::platform;
 use amsvm_abi::Progress;
 
 /// virtio device id of a block device.
@@ -117,7 +117,7 @@ impl Blk {
             }
             None => 2,
         };
-        self.queue.request(&self.mmio, &chain[..n], hc::clock_ns, REQUEST_TIMEOUT_NS)?;
+        self.queue.request(&self.mmio, &chain[..n], platform::clock_ns, REQUEST_TIMEOUT_NS)?;
         // SAFETY: the status byte in the request page.
         Ok(unsafe { ((self.req + STATUS_OFFSET) as *const u8).read_volatile() })
     }
@@ -173,7 +173,7 @@ fn test(blk: &mut Blk, features: u64, blocks: u64, partition_id: u32, c: &mut Pr
         return Err(Failure::Unusable("device has no room for one 4 KiB block"));
     }
     let n = blocks.min(usable);
-    let nonce = crate::sampler::mix64(hc::clock_ns() ^ ((partition_id as u64) << 48));
+    let nonce = crate::sampler::mix64(platform::clock_ns() ^ ((partition_id as u64) << 48));
     println!(
         "disk: capacity {} sectors, queue {}, flush {}, discard {}; testing {} blocks{}",
         capacity,

@@ -4,19 +4,25 @@
 //! virtio-blk device. Idle pages after the working set are stamped once and verified
 //! at the end; a virtio-balloon driver may loan them (and free memory after them) to
 //! the host. Settings come from `BootInfo::workload`; progress goes to amsvm through
-//! the hypercall mailbox. Described in `docs/workload.md`.
+//! the hypercall mailbox. Other VMMs (QEMU, Firecracker, Cloud Hypervisor) boot it
+//! through the CPL0 entries of `boot.rs`, which build the boot-info page from the kernel
+//! command line; it then reports through `platform.rs`. Described in `docs/workload.md`.
 #![no_std]
 #![no_main]
 
 #[macro_use]
 mod console;
+mod acpi;
 mod balloon;
+mod boot;
 mod chaos;
+mod cmdline;
 mod disk;
 mod hc;
 mod loan;
 mod math;
 mod page;
+mod platform;
 mod rt;
 mod sampler;
 mod virtio;
@@ -33,6 +39,8 @@ const PAGE: u64 = PAGE_SIZE as u64;
 const MAX_PRINTED_FAILURES: u64 = 8;
 /// Least time between two "pass" lines on the console.
 const LINE_INTERVAL_NS: u64 = 1_000_000_000;
+/// Alignment of a virtio-mmio register window.
+const MMIO_ALIGN: u64 = 512;
 /// Largest accepted Zipf exponent, in thousandths.
 const MAX_ZIPF_THETA_MILLI: u32 = 10_000;
 
@@ -83,21 +91,22 @@ impl Plan {
     }
 }
 
-/// Entered from `_start` (rt.rs) with the boot-info address.
+/// Entered from `_start` (rt.rs) with the boot-info address amsvm wrote, or from
+/// `boot::foreign_main` with the one it built.
 extern "C" fn main(boot_info: *const BootInfo) -> ! {
     // First thing: one exit, so amsvm can time the start of the guest (`amsvm bench
     // startup` reports the time to the first exit as the time to the first instruction).
-    let boot_ns = hc::clock_ns();
+    let boot_ns = platform::clock_ns();
     let plan = configure(boot_info);
     print_settings(&plan);
-    let setup_us = hc::clock_ns().saturating_sub(boot_ns) / 1000;
+    let setup_us = platform::clock_ns().saturating_sub(boot_ns) / 1000;
     println!("workload: ready {setup_us} us after its first instruction");
     let mut p = Progress::default();
-    hc::progress(&p);
+    platform::progress(&p);
 
     if let Some(targets) = &plan.chaos {
         let r = chaos::run(targets, plan.partition_id, &mut p);
-        hc::progress(&p);
+        platform::progress(&p);
         if let Err(e) = r {
             println!("chaos: {e}");
             finish(&p, 0, 0, true);
@@ -107,7 +116,7 @@ extern "C" fn main(boot_info: *const BootInfo) -> ! {
     if let Some((mmio, area)) = plan.disk.filter(|_| plan.w.disk_test_blocks > 0) {
         // SAFETY: `configure` checked the window and reserved `area` for the disk test.
         let r = unsafe { disk::run(mmio, area, plan.w.disk_test_blocks, plan.partition_id, &mut p) };
-        hc::progress(&p);
+        platform::progress(&p);
         if let Err(e) = r {
             println!("disk: {e}");
             finish(&p, 0, 0, true);
@@ -141,11 +150,11 @@ extern "C" fn main(boot_info: *const BootInfo) -> ! {
         balloon.poll();
     }
 
-    let t0 = hc::clock_ns();
+    let t0 = platform::clock_ns();
     let accesses = run(&plan, &mut p, t0, &mut balloon);
     balloon.poll();
     let reported = check_all(&plan, &mut p);
-    let ms = hc::clock_ns().saturating_sub(t0) / 1_000_000;
+    let ms = platform::clock_ns().saturating_sub(t0) / 1_000_000;
     if balloon.started() {
         let b = &balloon;
         let c = &b.counters;
@@ -176,10 +185,10 @@ fn stamp_idle(plan: &Plan, p: &mut Progress) {
         p.pages_touched += 1;
         p.pages_written += 1;
         if (i + 1) % plan.report_every == 0 {
-            hc::progress(p);
+            platform::progress(p);
         }
     }
-    hc::progress(p);
+    platform::progress(p);
 }
 
 /// Prints the summary and exits with the verdict: DEVICE_ERROR if the disk test stopped
@@ -210,7 +219,7 @@ fn finish(p: &Progress, accesses: u64, ms: u64, device_error: bool) -> ! {
         p.disk_failures,
         verdict
     );
-    hc::exit(status, p)
+    platform::exit(status, p)
 }
 
 /// TSC cycles between two balloon polls at least (about 2 ms at 1 GHz): a guest that
@@ -244,7 +253,7 @@ fn run(plan: &Plan, p: &mut Progress, t0: u64, balloon: &mut Balloon) -> u64 {
     let latency_from = if w.measure_latency != 0 { w.latency_from } else { u64::MAX };
     // SAFETY: rdtsc has no memory effects; CPL3 may use it (CR4.TSD is clear).
     let mut last_poll = unsafe { core::arch::x86_64::_rdtsc() };
-    let mut busy = plan.busy_at(hc::clock_ns());
+    let mut busy = plan.busy_at(platform::clock_ns());
     while accesses < plan.max_accesses {
         // Quiet: the first `quiet` pages only; the rest of the working set cools down.
         let i = if busy { sampler.sample(&mut rng) } else { rng.below(plan.quiet) };
@@ -255,7 +264,7 @@ fn run(plan: &Plan, p: &mut Progress, t0: u64, balloon: &mut Balloon) -> u64 {
             access(plan, i, write, p, &mut printed);
             // SAFETY: as above.
             let dt = unsafe { core::arch::x86_64::_rdtsc() }.wrapping_sub(t);
-            hc::record_latency(dt);
+            platform::record_latency(dt);
         } else {
             access(plan, i, write, p, &mut printed);
         }
@@ -270,12 +279,16 @@ fn run(plan: &Plan, p: &mut Progress, t0: u64, balloon: &mut Balloon) -> u64 {
         }
         if accesses == next_report {
             next_report = next_report.saturating_add(plan.report_every);
-            hc::progress(p);
+            platform::progress(p);
             balloon.poll();
-            let now = hc::clock_ns();
+            let now = platform::clock_ns();
             let elapsed = now.saturating_sub(t0);
             if plan.duration_ns != 0 && elapsed >= plan.duration_ns {
                 break;
+            }
+            if w.balloon_silent_ms != 0 && balloon.started() && !balloon.silent() && elapsed >= w.balloon_silent_ms as u64 * 1_000_000 {
+                balloon.go_silent();
+                println!("balloon: the driver goes silent at {} ms (loaned now {})", elapsed / 1_000_000, balloon.loaned());
             }
             busy = plan.busy_at(now);
             let passes = accesses / n;
@@ -293,7 +306,7 @@ fn run(plan: &Plan, p: &mut Progress, t0: u64, balloon: &mut Balloon) -> u64 {
             }
         }
     }
-    hc::progress(p);
+    platform::progress(p);
     accesses
 }
 
@@ -388,10 +401,10 @@ fn check_all(plan: &Plan, p: &mut Progress) -> Reported {
             }
         }
         if (i + 1) % plan.report_every == 0 {
-            hc::progress(p);
+            platform::progress(p);
         }
     }
-    hc::progress(p);
+    platform::progress(p);
     reported
 }
 
@@ -434,7 +447,7 @@ fn print_settings(plan: &Plan) {
 /// Reports unusable settings and exits with BAD_CONFIG.
 fn bad_config(args: core::fmt::Arguments<'_>) -> ! {
     println!("workload: bad config: {}", args);
-    hc::exit(exit::BAD_CONFIG, &Progress::default())
+    platform::exit(exit::BAD_CONFIG, &Progress::default())
 }
 
 macro_rules! ensure {
@@ -451,14 +464,16 @@ macro_rules! ensure {
 fn configure(bi_ptr: *const BootInfo) -> Plan {
     let bi_addr = bi_ptr as u64;
     let bi_size = core::mem::size_of::<BootInfo>() as u64;
+    // Off amsvm, `boot.rs` built the page (and the mailbox) inside the image.
+    let ours = platform::foreign();
     ensure!(
-        bi_addr != 0 && bi_addr.is_multiple_of(8) && bi_addr + bi_size <= layout::IMAGE_MIN,
+        bi_addr != 0 && bi_addr.is_multiple_of(8) && (ours || bi_addr + bi_size <= layout::IMAGE_MIN),
         "boot-info address {:#x} is not an aligned address below the image",
         bi_addr
     );
     // SAFETY: an aligned address in the identity-mapped RAM below the image, written by
-    // amsvm before entry and not changed afterwards. (Borrowed, not copied: a copy this
-    // size would be an out-of-line memcpy call.)
+    // amsvm before entry and not changed afterwards (or a static of boot.rs). (Borrowed,
+    // not copied: a copy this size would be an out-of-line memcpy call.)
     let bi = unsafe { &*bi_ptr };
     ensure!(bi.magic == BOOT_INFO_MAGIC, "boot-info magic {:#x}, want {:#x}", bi.magic, BOOT_INFO_MAGIC);
     ensure!(bi.version == BOOT_INFO_VERSION, "boot-info version {}, want {}", bi.version, BOOT_INFO_VERSION);
@@ -482,7 +497,7 @@ fn configure(bi_ptr: *const BootInfo) -> Plan {
     ensure!(
         mb != 0
             && mb % 8 == 0
-            && mb.checked_add(mb_size).is_some_and(|end| end <= mem && (end <= layout::IMAGE_MIN || mb >= free_end)),
+            && (ours || mb.checked_add(mb_size).is_some_and(|end| end <= mem && (end <= layout::IMAGE_MIN || mb >= free_end))),
         "mailbox {:#x} is not in RAM outside the image and the free area",
         mb
     );
@@ -529,8 +544,9 @@ fn configure(bi_ptr: *const BootInfo) -> Plan {
     );
 
     let devices = &bi.devices[..bi.device_count as usize];
+    // amsvm and Firecracker space windows 4 KiB apart, QEMU's microvm 512 bytes.
     let window_ok = |d: &amsvm_abi::DeviceInfo| {
-        d.mmio_base.is_multiple_of(PAGE) && d.mmio_base >= mem && d.mmio_size >= virtio::MIN_WINDOW && d.mmio_base.checked_add(d.mmio_size).is_some()
+        d.mmio_base.is_multiple_of(MMIO_ALIGN) && d.mmio_base >= mem && d.mmio_size >= virtio::MIN_WINDOW && d.mmio_base.checked_add(d.mmio_size).is_some()
     };
     let blk = devices.iter().find(|d| d.device_id == disk::DEVICE_ID);
     if blk.is_none() && w.disk_test_blocks > 0 {
@@ -541,7 +557,7 @@ fn configure(bi_ptr: *const BootInfo) -> Plan {
         Some(d) if w.disk_test_blocks > 0 || w.chaos != 0 => {
             ensure!(
                 window_ok(d),
-                "virtio-blk window {:#x}+{:#x} is not a page-aligned window above RAM",
+                "virtio-blk window {:#x}+{:#x} is not a 512-byte-aligned window above RAM",
                 d.mmio_base,
                 d.mmio_size
             );
@@ -554,7 +570,7 @@ fn configure(bi_ptr: *const BootInfo) -> Plan {
         Some(d) if w.balloon != balloon_mode::IGNORE => {
             ensure!(
                 window_ok(d),
-                "virtio-balloon window {:#x}+{:#x} is not a page-aligned window above RAM",
+                "virtio-balloon window {:#x}+{:#x} is not a 512-byte-aligned window above RAM",
                 d.mmio_base,
                 d.mmio_size
             );
@@ -659,5 +675,5 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     if !PANICKING.swap(true, Ordering::Relaxed) {
         println!("workload: {}", info);
     }
-    hc::exit_keep_progress(exit::PANIC)
+    platform::exit_keep_progress(exit::PANIC)
 }

@@ -30,6 +30,10 @@ pub enum BenchCmd {
     /// Page-in latency next to the raw userfaultfd round trip, and throughput at
     /// several overcommit ratios next to a memory cgroup with swap.
     Pool(super::bench_pool::PoolBenchArgs),
+    /// One overcommit scenario three ways with the same guest: amsvm's pool (paging-server
+    /// VM and local store), QEMU microvm VMs in a memory cgroup with swap, and the same
+    /// with virtio-balloon driven over QMP; one table.
+    Peers(super::bench_peers::PeersArgs),
     /// One measured run of `startup` (internal).
     #[command(hide = true)]
     StartupChild {
@@ -45,6 +49,7 @@ pub fn bench(cmd: BenchCmd) -> i32 {
         BenchCmd::Startup { partitions, mem_mib, runs } => startup(partitions, mem_mib, runs),
         BenchCmd::StartupChild { partitions, mem_mib } => startup_child(partitions, mem_mib << 20),
         BenchCmd::Pool(args) => super::bench_pool::bench_pool(args),
+        BenchCmd::Peers(args) => super::bench_peers::bench_peers(args),
     }
 }
 

@@ -313,7 +313,7 @@ fn bench(a: &PoolBenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn chrono_like_date() -> String {
+pub(super) fn chrono_like_date() -> String {
     Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
 }
 
@@ -327,12 +327,12 @@ enum Base {
 }
 
 /// A swap file, on while it lives.
-struct Swap(PathBuf);
+pub(super) struct Swap(PathBuf);
 
 impl Swap {
-    fn on(dir: &Path, mib: u64) -> Result<Swap, String> {
+    pub(super) fn on(dir: &Path, mib: u64) -> Result<Swap, String> {
         let path = dir.join("swapfile");
-        let _ = Command::new("swapoff").arg(&path).status();
+        let _ = Command::new("swapoff").arg(&path).output(); // a left-over one, if any
         let _ = std::fs::remove_file(&path);
         let sh = |args: &[&str]| -> Result<(), String> {
             let out = Command::new(args[0]).args(&args[1..]).output().map_err(|e| format!("{}: {e}", args[0]))?;
@@ -360,7 +360,7 @@ impl Drop for Swap {
     }
 }
 
-fn vmstat(key: &str) -> u64 {
+pub(super) fn vmstat(key: &str) -> u64 {
     std::fs::read_to_string("/proc/vmstat")
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok())))
@@ -440,7 +440,7 @@ fn baseline(a: &PoolBenchArgs, specs: &[PartitionSpec], pool_mib: u64) -> Result
     Ok(Some((rows, sin, sout)))
 }
 
-struct RemoveDir(PathBuf);
+pub(super) struct RemoveDir(pub(super) PathBuf);
 
 impl Drop for RemoveDir {
     fn drop(&mut self) {

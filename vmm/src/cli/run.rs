@@ -85,7 +85,7 @@ pub fn run_specs_observed(
     // checks above caught bad input before any VM existed; should a build still fail,
     // every other partition is stopped and the error returned.
     let n = specs.len();
-    let ctls: Vec<_> = specs.iter().map(|_| PartitionControl::default()).collect();
+    let ctls: Vec<_> = specs.iter().map(|_| Arc::new(PartitionControl::default())).collect();
     let metrics: Vec<_> = specs
         .iter()
         .map(|s| {
@@ -99,7 +99,8 @@ pub fn run_specs_observed(
         specs
             .iter()
             .zip(&metrics)
-            .map(|(s, m)| RegisteredPartition::new(&s.name, s.mem_bytes >> 20, s.min_bytes >> 20, s.weight, m.clone()))
+            .zip(&ctls)
+            .map(|((s, m), c)| RegisteredPartition::new(&s.name, s.mem_bytes >> 20, s.min_bytes >> 20, s.weight, m.clone()).with_control(c.clone()))
             .collect(),
     );
     let mut registry = registry;
@@ -150,14 +151,16 @@ pub fn run_specs_observed(
     let all_done = std::sync::atomic::AtomicBool::new(false);
     let reports = std::thread::scope(|sc| {
         {
-            let (term, ctls, all_done) = (&term, &ctls, &all_done);
+            let (term, ctls, all_done, registry) = (&term, &ctls, &all_done, &registry);
             sc.spawn(move || {
+                let mut paused_since: Vec<Option<Instant>> = vec![None; ctls.len()];
                 while !all_done.load(std::sync::atomic::Ordering::Relaxed) {
                     if term.load(std::sync::atomic::Ordering::Relaxed) {
                         eprintln!("amsvm: stopping every partition (again to quit at once)");
-                        ctls.iter().for_each(PartitionControl::stop);
+                        ctls.iter().for_each(|c| c.stop());
                         return;
                     }
+                    end_forgotten_pauses(ctls, registry, &mut paused_since);
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
             });
@@ -174,7 +177,7 @@ pub fn run_specs_observed(
                     match Partition::build(kvm, s, shared, image, pool) {
                         Err(e) => {
                             build_error.lock().unwrap().get_or_insert(crate::Error::Other(format!("partition \"{}\": {e}", s.name)));
-                            ctls.iter().for_each(PartitionControl::stop);
+                            ctls.iter().for_each(|c| c.stop());
                             mark_built();
                             None
                         }
@@ -198,7 +201,7 @@ pub fn run_specs_observed(
             drop(g);
             if build_error.lock().unwrap().is_none() {
                 let ranges = ranges.lock().unwrap().clone();
-                let stop_all = || ctls.iter().for_each(PartitionControl::stop);
+                let stop_all = || ctls.iter().for_each(|c| c.stop());
                 f(Observed { metrics: &metrics, guest_ranges: &ranges, registry: &registry, stop_all: &stop_all });
             }
         }
@@ -213,6 +216,35 @@ pub fn run_specs_observed(
         return Err(e);
     }
     Ok(reports.into_iter().flatten().collect())
+}
+
+/// How long a paused partition waits to be resumed once nothing else runs: then it is
+/// ended (as "paused: ...") so that the run ends. While other partitions run, it waits.
+pub const PAUSE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// End the partitions that have been paused for [`PAUSE_GRACE`] while every other one
+/// has ended or is paused too: nobody is left whose work might free what they wait for,
+/// and the run should end rather than hang. `since` tracks when each was first seen
+/// paused.
+fn end_forgotten_pauses(ctls: &[Arc<PartitionControl>], registry: &Registry, since: &mut [Option<Instant>]) {
+    let ended = |i: usize| registry.partitions[i].outcome.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+    let paused: Vec<bool> = ctls.iter().map(|c| c.paused().is_some()).collect();
+    for (s, &p) in since.iter_mut().zip(&paused) {
+        if !p {
+            *s = None;
+        } else if s.is_none() {
+            *s = Some(Instant::now());
+        }
+    }
+    if !(0..ctls.len()).all(|i| ended(i) || paused[i]) {
+        return;
+    }
+    for (i, c) in ctls.iter().enumerate() {
+        if since[i].is_some_and(|t| t.elapsed() >= PAUSE_GRACE) && !ended(i) {
+            tracing::warn!(partition = %registry.partitions[i].name, "paused for {PAUSE_GRACE:?} with nothing else running: ending it");
+            c.stop();
+        }
+    }
 }
 
 /// Did the partition end well?

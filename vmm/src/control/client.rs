@@ -42,6 +42,16 @@ pub fn request_set(
     request_done(path, Request::Set { partition: partition.to_string(), weight, loan_policy })
 }
 
+/// Ask the amsvm listening on `path` to destroy a running partition.
+pub fn request_destroy(path: &Path, partition: &str) -> Result<(), ControlError> {
+    request_done(path, Request::Destroy { partition: partition.to_string() })
+}
+
+/// Ask the amsvm listening on `path` to resume a partition paused on a paging error.
+pub fn request_resume(path: &Path, partition: &str) -> Result<(), ControlError> {
+    request_done(path, Request::Resume { partition: partition.to_string() })
+}
+
 /// Send a request that changes something; Ok when amsvm says it is done.
 fn request_done(path: &Path, req: Request) -> Result<(), ControlError> {
     match request(path, req, CLIENT_TIMEOUT)? {

@@ -25,7 +25,7 @@ mod snapshot;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use client::{request_loan, request_set, request_stat, request_stat_timeout, CLIENT_TIMEOUT};
+pub use client::{request_destroy, request_loan, request_resume, request_set, request_stat, request_stat_timeout, CLIENT_TIMEOUT};
 pub use protocol::{LoanTarget, Request, Response, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES};
 pub use server::{default_dir, default_socket_path, discover, runtime_dir, Limits, Server, ServerMetrics};
 pub use snapshot::{

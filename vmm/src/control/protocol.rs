@@ -30,6 +30,12 @@ pub enum Request {
     /// Change a partition's weight and/or loan policy while it runs
     /// (`{"cmd":"set","partition":"p0","weight":200,"loan_policy":"aggressive"}`).
     Set { partition: String, weight: Option<u8>, loan_policy: Option<LoanPolicy> },
+    /// End a partition now; its memory and paging device go back to the pool
+    /// (`{"cmd":"destroy","partition":"p0"}`).
+    Destroy { partition: String },
+    /// Resume a partition the pool paused on a paging-device error, once the device
+    /// works again (`{"cmd":"resume","partition":"p0"}`).
+    Resume { partition: String },
 }
 
 /// The target of a `loan` request.
@@ -42,7 +48,7 @@ pub enum LoanTarget {
 }
 
 /// Command names, for messages.
-const COMMANDS: [&str; 4] = ["stat", "loan", "set", "kill-paging-server"];
+const COMMANDS: [&str; 6] = ["stat", "loan", "set", "destroy", "resume", "kill-paging-server"];
 
 impl Request {
     /// Parse one request line (without its newline). The error is the message sent back.
@@ -57,6 +63,8 @@ impl Request {
         match cmd.as_str() {
             "stat" => Ok(Request::Stat),
             "kill-paging-server" => Ok(Request::KillPagingServer),
+            "destroy" => Ok(Request::Destroy { partition: partition(obj, "destroy")? }),
+            "resume" => Ok(Request::Resume { partition: partition(obj, "resume")? }),
             "loan" => {
                 let partition = partition(obj, "loan")?;
                 let target = match obj.get("mib") {
@@ -105,6 +113,8 @@ impl Request {
             Request::Loan { .. } => "loan",
             Request::KillPagingServer => "kill-paging-server",
             Request::Set { .. } => "set",
+            Request::Destroy { .. } => "destroy",
+            Request::Resume { .. } => "resume",
         }
     }
 
@@ -113,6 +123,8 @@ impl Request {
         let v = match self {
             Request::Stat => serde_json::json!({ "cmd": "stat" }),
             Request::KillPagingServer => serde_json::json!({ "cmd": "kill-paging-server" }),
+            Request::Destroy { partition } => serde_json::json!({ "cmd": "destroy", "partition": partition }),
+            Request::Resume { partition } => serde_json::json!({ "cmd": "resume", "partition": partition }),
             Request::Set { partition, weight, loan_policy } => {
                 let mut v = serde_json::json!({ "cmd": "set", "partition": partition });
                 if let Some(w) = weight {
@@ -198,7 +210,7 @@ mod tests {
         assert!(Request::parse(b"{}").unwrap_err().contains("no \"cmd\""));
         assert!(Request::parse(br#"{"cmd":7}"#).unwrap_err().contains("must be a string"));
         let e = Request::parse(br#"{"cmd":"frobnicate"}"#).unwrap_err();
-        assert_eq!(e, "unknown cmd \"frobnicate\" (known: stat, loan, set, kill-paging-server)");
+        assert_eq!(e, "unknown cmd \"frobnicate\" (known: stat, loan, set, destroy, resume, kill-paging-server)");
         let long = format!(r#"{{"cmd":"{}"}}"#, "x".repeat(1000));
         assert!(Request::parse(long.as_bytes()).unwrap_err().len() < 200);
         assert!(Request::parse(&[0xff, 0xfe]).is_err());
@@ -210,6 +222,11 @@ mod tests {
         for bad in [r#"{"cmd":"loan","mib":3}"#, r#"{"cmd":"loan","partition":"a"}"#, r#"{"cmd":"loan","partition":"a","mib":-1}"#, r#"{"cmd":"loan","partition":"a","mib":"lots"}"#] {
             assert!(Request::parse(bad.as_bytes()).unwrap_err().starts_with("loan: "), "{bad}");
         }
+        for r in [Request::Destroy { partition: "p1".into() }, Request::Resume { partition: "p2".into() }] {
+            assert_eq!(Request::parse(r.to_line().trim_end().as_bytes()), Ok(r));
+        }
+        assert_eq!(Request::parse(br#"{"cmd":"destroy"}"#).unwrap_err(), "destroy: \"partition\" must be a partition name");
+        assert_eq!(Request::parse(br#"{"cmd":"resume","partition":3}"#).unwrap_err(), "resume: \"partition\" must be a partition name");
         let set = Request::Set { partition: "p0".into(), weight: Some(200), loan_policy: Some(LoanPolicy::Aggressive) };
         assert_eq!(Request::parse(set.to_line().trim_end().as_bytes()), Ok(set));
         let w = Request::Set { partition: "p0".into(), weight: Some(0), loan_policy: None };

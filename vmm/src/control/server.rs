@@ -107,7 +107,10 @@ impl Server {
             limits: Arc::new(limits),
             active: Arc::new(AtomicUsize::new(0)),
         };
-        let thread = match std::thread::Builder::new().name("amsvm-control".into()).spawn(move || acceptor.run()) {
+        let thread = match std::thread::Builder::new().name("amsvm-control".into()).spawn(move || {
+            crate::seccomp::apply(crate::seccomp::Kind::Control);
+            acceptor.run()
+        }) {
             Ok(t) => t,
             Err(e) => {
                 let _ = fs::remove_file(path);
@@ -311,6 +314,7 @@ impl Acceptor {
         let guard = ActiveGuard(self.active.clone());
         let (registry, metrics, limits) = (self.registry.clone(), self.metrics.clone(), self.limits.clone());
         let spawned = std::thread::Builder::new().name("amsvm-control-conn".into()).spawn(move || {
+            crate::seccomp::apply(crate::seccomp::Kind::Control);
             let _guard = guard;
             Connection { stream, buf: Vec::with_capacity(MAX_REQUEST_BYTES), registry: &registry, metrics: &metrics, limits: &limits }
                 .serve();
@@ -404,6 +408,14 @@ impl Connection<'_> {
                     Ok(()) => Response::done(),
                     Err(msg) => Response::error(msg),
                 }
+            }
+            Ok(Request::Destroy { partition }) => {
+                self.metrics.requests.fetch_add(1, Relaxed);
+                self.registry.destroy(&partition).map_or_else(Response::error, |()| Response::done())
+            }
+            Ok(Request::Resume { partition }) => {
+                self.metrics.requests.fetch_add(1, Relaxed);
+                self.registry.resume(&partition).map_or_else(Response::error, |()| Response::done())
             }
             Ok(Request::Loan { partition, target }) => {
                 self.metrics.requests.fetch_add(1, Relaxed);

@@ -40,6 +40,9 @@ pub struct RegisteredPartition {
     pub metrics: Arc<PartitionMetrics>,
     /// How the partition ended (set by whoever supervises it; `None` while it runs).
     pub outcome: Arc<Mutex<Option<String>>>,
+    /// Its supervisor's handle, to destroy or resume it (absent in registries built for
+    /// display only).
+    pub control: Option<Arc<crate::partition::PartitionControl>>,
 }
 
 impl RegisteredPartition {
@@ -47,7 +50,13 @@ impl RegisteredPartition {
     /// where the operator's changes go too).
     pub fn new(name: impl Into<String>, logical_mib: u64, min_mib: u64, weight: u8, metrics: Arc<PartitionMetrics>) -> Self {
         metrics.tunables.set_weight(weight);
-        RegisteredPartition { name: name.into(), logical_mib, min_mib, metrics, outcome: Arc::default() }
+        RegisteredPartition { name: name.into(), logical_mib, min_mib, metrics, outcome: Arc::default(), control: None }
+    }
+
+    /// The same entry, destroyable and resumable through `control`.
+    pub fn with_control(mut self, control: Arc<crate::partition::PartitionControl>) -> Self {
+        self.control = Some(control);
+        self
     }
 
     /// Record how the partition ended (`Outcome`'s text, e.g. "exited ok"). Every clone
@@ -112,6 +121,26 @@ impl Registry {
             let names: Vec<_> = self.partitions.iter().map(|p| p.name.as_str()).collect();
             format!("no partition named {name:?} (partitions: {})", names.join(", "))
         })
+    }
+
+    /// A running partition's handle, for `what` (destroy, resume).
+    fn control_of(&self, name: &str, what: &str) -> Result<&crate::partition::PartitionControl, String> {
+        let p = self.find(name)?;
+        if let Some(o) = p.outcome.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Err(format!("cannot {what} partition {name:?}: it has ended ({o})"));
+        }
+        p.control.as_deref().ok_or_else(|| format!("cannot {what} partition {name:?}: this instance does not offer it"))
+    }
+
+    /// Destroy a running partition (see [`crate::partition::PartitionControl::destroy`]).
+    pub fn destroy(&self, name: &str) -> Result<(), String> {
+        self.control_of(name, "destroy")?.destroy();
+        Ok(())
+    }
+
+    /// Resume a partition the pool paused on a paging-device error.
+    pub fn resume(&self, name: &str) -> Result<(), String> {
+        self.control_of(name, "resume")?.resume().map_err(|why| format!("cannot resume partition {name:?}: {why}"))
     }
 
     /// Change a partition's weight and/or loan policy while it runs (only partitions in

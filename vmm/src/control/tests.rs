@@ -166,7 +166,7 @@ fn malformed_requests_are_answered_counted_and_the_server_keeps_serving() {
     // Bad JSON and an unknown cmd: error answers, the connection stays usable.
     let mut c = Raw::connect(&path);
     assert!(c.send(b"stat please\n").error().starts_with("request is not JSON"));
-    assert_eq!(c.send(b"{\"cmd\":\"frobnicate\"}\n").error(), "unknown cmd \"frobnicate\" (known: stat, loan, set, kill-paging-server)");
+    assert_eq!(c.send(b"{\"cmd\":\"frobnicate\"}\n").error(), "unknown cmd \"frobnicate\" (known: stat, loan, set, destroy, resume, kill-paging-server)");
     assert!(c.send(b"{\"cmd\":\"stat\"").send(b"}\r\n").response().ok, "a request split over two writes");
     assert!(c.send(b"[]\n").error().contains("JSON object"));
     drop(c);
@@ -348,4 +348,20 @@ fn default_dir_follows_xdg_runtime_dir() {
     assert!(fallback.to_str().unwrap().starts_with("/tmp/amsvm-"), "{}", fallback.display());
     assert_eq!(runtime_dir_from(Some("relative".as_ref())), fallback);
     assert_eq!(runtime_dir_from(Some("".as_ref())), fallback);
+}
+
+#[test]
+fn destroy_and_resume_name_what_stands_in_the_way() {
+    let f = fixture();
+    // A registry built for display only offers neither.
+    assert_eq!(f.registry.destroy("alpha").unwrap_err(), "cannot destroy partition \"alpha\": this instance does not offer it");
+    assert!(f.registry.resume("zulu").unwrap_err().starts_with("no partition named \"zulu\""));
+    // With a supervisor's handle: a partition that is not running (nothing started
+    // yet) cannot be resumed; one that has ended cannot be destroyed.
+    let ctl = Arc::new(crate::partition::PartitionControl::default());
+    let mut registry = f.registry.clone();
+    registry.partitions[0] = registry.partitions[0].clone().with_control(ctl);
+    assert_eq!(registry.resume("alpha").unwrap_err(), "cannot resume partition \"alpha\": it is not running in a pool");
+    registry.partitions[0].set_outcome("exited ok");
+    assert_eq!(registry.destroy("alpha").unwrap_err(), "cannot destroy partition \"alpha\": it has ended (exited ok)");
 }

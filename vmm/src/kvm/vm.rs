@@ -17,7 +17,15 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 /// exist (they add KVM-internal memory slots, and every later slot change costs more).
 /// `dirty_log`: KVM logs which pages the guest writes (the pool reads it).
 pub fn create(kvm: &Kvm, mem: &GuestMemory, dirty_log: bool) -> Result<VmFd> {
-    let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+    // KVM_CREATE_VM may be interrupted by a signal (a kick aimed at another partition's
+    // vCPU thread, SIGCHLD): that is no failure, ask again.
+    let mut tries = 0;
+    let vm = loop {
+        match kvm.create_vm() {
+            Err(e) if e.errno() == libc::EINTR && tries < 100 => tries += 1,
+            r => break r.map_err(Error::kvm("KVM_CREATE_VM"))?,
+        }
+    };
     super::memory::register(&vm, mem, dirty_log)?;
     vm.set_tss_address(KVM_TSS_ADDRESS).map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::{Pager, PagerError, Slot, PAGE_SIZE};
+use crate::faults::PagingIo;
 
 /// Most slots one store hands out: 2^32 - 1 pages (16 TiB), the range of [`Slot`].
 const MAX_SLOTS: u64 = u32::MAX as u64;
@@ -161,7 +162,9 @@ impl Pager for LocalStore {
                 j += 1;
             }
             let off = slots[i] as u64 * PAGE_SIZE as u64;
-            let r = if j - i == 1 {
+            let r = if let Some(e) = crate::faults::get().paging_io(PagingIo::Write) {
+                Err(e)
+            } else if j - i == 1 {
                 self.file.write_all_at(&pages[i][..PAGE_SIZE], off)
             } else {
                 let mut buf = Vec::with_capacity((j - i) * PAGE_SIZE);
@@ -190,6 +193,9 @@ impl Pager for LocalStore {
         if !self.map().is_used(slot) {
             return Err(PagerError::BadSlot { device: self.path.clone(), slot });
         }
+        if let Some(e) = crate::faults::get().paging_io(PagingIo::Read) {
+            return Err(PagerError::io(&self.path, "read", e));
+        }
         self.file
             .read_exact_at(&mut buf[..PAGE_SIZE], slot as u64 * PAGE_SIZE as u64)
             .map_err(|e| PagerError::io(&self.path, "read", e))
@@ -201,6 +207,9 @@ impl Pager for LocalStore {
         let file_len = self.map().end * PAGE_SIZE as u64;
         let avail = file_len.saturating_sub(off).min(len as u64) as usize;
         buf[avail..len].fill(0);
+        if let Some(e) = crate::faults::get().paging_io(PagingIo::Read) {
+            return Err(PagerError::io(&self.path, "read", e));
+        }
         self.file.read_exact_at(&mut buf[..avail], off).map_err(|e| PagerError::io(&self.path, "read", e))
     }
 

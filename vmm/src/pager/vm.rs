@@ -40,28 +40,36 @@ impl VmPager {
 
     /// Run one request to completion, through restarts of the paging server: `before`
     /// fills the window (page-outs) each time the request is (re)submitted, `after`
-    /// empties it once it completed.
+    /// empties it once it completed. Both work on the window of one paging server (a
+    /// generation): the one the request is submitted to. Should it be replaced between
+    /// filling its window and taking the request, or between completing a page-in and
+    /// the copy out of its window, the request is done again with the next one.
     fn run(
         &self,
         what: &'static str,
         op_code: u32,
         slots: &[Slot],
-        before: impl Fn(u32) -> bool,
-        after: impl FnOnce(u32) -> bool,
+        before: impl Fn(u64, u32) -> bool,
+        mut after: impl FnMut(u64, u32) -> bool,
     ) -> Result<(), PagerError> {
         let pages = if matches!(op_code, op::PAGE_OUT | op::PAGE_IN) { slots.len() as u32 } else { 0 };
         let window = if pages > 0 { self.channel.take_window(pages) } else { 0 };
         let result = loop {
-            if self.channel.wait_up(SERVER_DOWN_TIMEOUT).is_none() {
+            let Some(generation) = self.channel.wait_up(SERVER_DOWN_TIMEOUT) else {
                 break Err(self.error(what, format!("the paging server has been down for {} s", SERVER_DOWN_TIMEOUT.as_secs())));
-            }
-            if pages > 0 && !before(window) {
+            };
+            if pages > 0 && !before(generation, window) {
                 continue; // it went down meanwhile
             }
-            match self.channel.call(Request::new(0, op_code, self.device, window, slots)) {
+            match self.channel.call(generation, Request::new(0, op_code, self.device, window, slots)) {
                 Outcome::Lost => continue,
                 Outcome::Done(c) => match c.status {
-                    vasi::status::OK if pages == 0 || c.count == pages => break Ok(()),
+                    vasi::status::OK if pages == 0 || c.count == pages => {
+                        if pages > 0 && !after(generation, window) {
+                            continue; // replaced before the data was copied out
+                        }
+                        break Ok(());
+                    }
                     vasi::status::OK => break Err(self.error(what, format!("the paging server did {} of {pages} pages", c.count))),
                     vasi::status::NO_SPACE => {
                         break Err(PagerError::NoSpace { device: self.path.clone(), source: std::io::Error::from_raw_os_error(libc::ENOSPC) })
@@ -70,10 +78,6 @@ impl VmPager {
                     _ => break Err(self.error(what, "the paging server refused the request as malformed".into())),
                 },
             }
-        };
-        let result = match result {
-            Ok(()) if pages > 0 && !after(window) => Err(self.error(what, "the paging server went down before the data was copied out".into())),
-            r => r,
         };
         if pages > 0 {
             self.channel.give_window(window, pages);
@@ -88,7 +92,7 @@ impl Pager for VmPager {
         let (slots, fresh) = self.map().assign(reuse, &self.path)?;
         let mut result = Ok(());
         for (chunk_pages, chunk_slots) in pages.chunks(vasi::MAX_PAGES).zip(slots.chunks(vasi::MAX_PAGES)) {
-            result = self.run("write", op::PAGE_OUT, chunk_slots, |w| self.channel.write_window(w, chunk_pages), |_| true);
+            result = self.run("write", op::PAGE_OUT, chunk_slots, |g, w| self.channel.write_window(g, w, chunk_pages), |_, _| true);
             if result.is_err() {
                 break;
             }
@@ -109,7 +113,7 @@ impl Pager for VmPager {
         if !self.map().is_used(slot) {
             return Err(PagerError::BadSlot { device: self.path.clone(), slot });
         }
-        self.run("read", op::PAGE_IN, &[slot], |_| true, |w| self.channel.read_window(w, &mut buf[..PAGE_SIZE]))
+        self.run("read", op::PAGE_IN, &[slot], |_, _| true, |g, w| self.channel.read_window(g, w, &mut buf[..PAGE_SIZE]))
     }
 
     fn read_run(&self, first: Slot, n: usize, buf: &mut [u8]) -> Result<(), PagerError> {
@@ -122,7 +126,7 @@ impl Pager for VmPager {
         for chunk in used.chunks(vasi::MAX_PAGES) {
             let slots: Vec<Slot> = chunk.iter().map(|&(_, s)| s).collect();
             let mut tmp = vec![0u8; slots.len() * PAGE_SIZE];
-            self.run("read", op::PAGE_IN, &slots, |_| true, |w| self.channel.read_window(w, &mut tmp))?;
+            self.run("read", op::PAGE_IN, &slots, |_, _| true, |g, w| self.channel.read_window(g, w, &mut tmp))?;
             for (j, &(k, _)) in chunk.iter().enumerate() {
                 buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE].copy_from_slice(&tmp[j * PAGE_SIZE..(j + 1) * PAGE_SIZE]);
             }
@@ -140,7 +144,7 @@ impl Pager for VmPager {
             slots.iter().copied().filter(|s| m.is_used(*s)).collect()
         };
         for chunk in used.chunks(vasi::MAX_PAGES) {
-            if let Err(e) = self.run("discard", op::DISCARD, chunk, |_| true, |_| true) {
+            if let Err(e) = self.run("discard", op::DISCARD, chunk, |_, _| true, |_, _| true) {
                 tracing::debug!("{}: {e}", self.path.display());
             }
         }

@@ -180,7 +180,10 @@ impl Pool {
             let weak = Arc::downgrade(&pool);
             std::thread::Builder::new()
                 .name("pool-loans".into())
-                .spawn(move || loan::run(weak))
+                .spawn(move || {
+                    crate::seccomp::apply(crate::seccomp::Kind::Pager);
+                    loan::run(weak)
+                })
                 .map_err(|e| PoolError::Os("spawning the loaning policy", e))?;
         }
         Ok(pool)
@@ -257,6 +260,11 @@ impl Pool {
         k
     }
 
+    /// Wake the faults waiting for frames (a partition they may take from came back).
+    fn wake_waiters(&self) {
+        self.frames.notify_all();
+    }
+
     /// Return `n` frames.
     fn release(&self, n: u64) {
         if n == 0 {
@@ -283,8 +291,9 @@ impl Pool {
     /// `min`, all their pages in transit, paused or detaching) are left out.
     ///
     /// Another partition gives pages to `requester` only while it is at least
-    /// [`MIN_RECLAIM`] pages above its target; otherwise the requester pages itself
-    /// first. At equilibrium every partition sits at its target, and without this rule
+    /// [`MIN_RECLAIM`] pages above its target (in a pool of fewer than 64 x
+    /// MIN_RECLAIM frames, 1/64 of the pool: there 16 pages would let a heavy
+    /// partition get stuck below its share); otherwise the requester pages itself first. At equilibrium every partition sits at its target, and without this rule
     /// the one that keeps faulting (it wants more than its share) would take its pages
     /// from partitions that are within theirs.
     fn rank_victims(&self, s: &PoolState, requester: &PartitionPool) -> Vec<(Arc<PartitionPool>, usize)> {
@@ -308,8 +317,8 @@ impl Pool {
             .collect();
         ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
         if let Some(pos) = ranked.iter().position(|(_, p)| is_requester(p)) {
-            let first_within =
-                ranked.iter().position(|(e, p)| *e < MIN_RECLAIM as f64 && !is_requester(p)).unwrap_or(ranked.len());
+            let margin = (MIN_RECLAIM as u64).min(self.capacity / 64).max(1) as f64;
+            let first_within = ranked.iter().position(|(e, p)| *e < margin && !is_requester(p)).unwrap_or(ranked.len());
             if pos > first_within {
                 let r = ranked.remove(pos);
                 ranked.insert(first_within, r);

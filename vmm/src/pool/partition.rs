@@ -72,11 +72,21 @@ pub struct Attached(pub Arc<PartitionPool>);
 impl Drop for Attached {
     fn drop(&mut self) {
         self.0.detach();
+        // The last reference is dropped here, on the thread that tears the partition
+        // down: dropping the partition's pool state drops its paging store, which
+        // removes its file, and that must not happen on a pager or the loaning thread
+        // that held a reference for a moment (their seccomp filters allow no unlink).
+        // Out of the pool's list, nobody takes a new one; those taken are let go soon.
+        self.0.pool.lock().partitions.retain(|w| !std::ptr::eq(w.as_ptr(), Arc::as_ptr(&self.0)));
+        let t0 = Instant::now();
+        while Arc::strong_count(&self.0) > 1 && t0.elapsed() < std::time::Duration::from_secs(2) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
 
-/// Called once when the partition must stop because its paging device failed; the
-/// message names the device and the error.
+/// Called once when the partition is paused because its paging device failed (it stays
+/// paused until [`PartitionPool::resume`]); the message names the device and the error.
 pub type PauseSink = Box<dyn Fn(String) + Send + Sync>;
 
 /// A partition attached to the pool.
@@ -191,6 +201,7 @@ impl PartitionPool {
                 if let Some(cpu) = home_cpu {
                     crate::partition::pin_current_thread(cpu);
                 }
+                crate::seccomp::apply(crate::seccomp::Kind::Pager);
                 me.serve()
             })
             .map_err(|e| PoolError::Os("spawning the fault handler", e))?;
@@ -298,9 +309,29 @@ impl PartitionPool {
     fn pause(&self, why: String) {
         if !self.paused.swap(true, Relaxed) {
             tracing::error!(partition = %self.name, "paused: {why}");
+            self.metrics.pauses.fetch_add(1, Relaxed);
             *self.metrics.paused.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
             (self.on_pause)(why);
         }
+    }
+
+    /// Resume a paused partition (its paging device works again, says the operator):
+    /// faults are served again, and the vCPUs blocked on one retry it. False if it was
+    /// not paused.
+    pub fn resume(&self) -> bool {
+        if !self.paused.swap(false, Relaxed) {
+            return false;
+        }
+        *self.metrics.paused.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.metrics.resumes.fetch_add(1, Relaxed);
+        tracing::info!(partition = %self.name, "resumed");
+        // A vCPU whose fault was left unserved sleeps until its page is woken: wake all
+        // of them; each access is tried again and faults anew where the page is missing.
+        if let Err(e) = self.uffd.wake(self.base as *mut _, self.npages * 4096) {
+            tracing::warn!(partition = %self.name, "waking the vCPUs after resume: {e}");
+        }
+        self.pool.wake_waiters();
+        true
     }
 
     /// The fault handler thread.
@@ -410,6 +441,7 @@ impl PartitionPool {
             }
             State::Out => {
                 let slot = slot.expect("a paged-out page has a slot");
+                crate::faults::get().page_in_gate(&self.name);
                 let mut buf = vec![0u8; len];
                 let read = if run == 1 { self.pager.read(slot, &mut buf) } else { self.pager.read_run(slot, run, &mut buf) };
                 match read {

@@ -205,20 +205,34 @@ impl Channel {
         self.cv.notify_all();
     }
 
-    /// Copy `data` into window pages from `first` (false if the server is down).
-    pub fn write_window(&self, first: u32, data: &[&[u8]]) -> bool {
-        let mem = self.lock().mem.clone();
-        let Some(mem) = mem else { return false };
+    /// The memory of paging server `generation`, if that one is still the running one.
+    /// (A clone keeps it mapped even if that server ends meanwhile.)
+    fn mem_of(&self, generation: u64) -> Option<GuestMemory> {
+        let g = self.lock();
+        g.mem.clone().filter(|_| g.generation == generation)
+    }
+
+    /// Copy `data` into the window of paging server `generation` from page `first`
+    /// (false if that server is down or was replaced: a window filled for one server
+    /// must never be handed to the next, whose window holds something else).
+    pub fn write_window(&self, generation: u64, first: u32, data: &[&[u8]]) -> bool {
+        let Some(mem) = self.mem_of(generation) else { return false };
         data.iter().enumerate().all(|(k, d)| {
             mem.write_slice(&d[..4096], GuestAddress(self.window_gpa + (first as u64 + k as u64) * 4096)).is_ok()
         })
     }
 
-    /// Copy `buf.len()` bytes out of the window from page `first`.
-    pub fn read_window(&self, first: u32, buf: &mut [u8]) -> bool {
-        let mem = self.lock().mem.clone();
-        let Some(mem) = mem else { return false };
+    /// Copy `buf.len()` bytes out of the window of paging server `generation` from page
+    /// `first` (false if that server was replaced before the copy began: the data it
+    /// read is in the old server's window, not in the new one's).
+    pub fn read_window(&self, generation: u64, first: u32, buf: &mut [u8]) -> bool {
+        let Some(mem) = self.mem_of(generation) else { return false };
         mem.read_slice(buf, GuestAddress(self.window_gpa + first as u64 * 4096)).is_ok()
+    }
+
+    /// The running paging server's generation (bumped at every restart).
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
     }
 
     /// Wait until a paging server is attached (or `timeout`); its generation.
@@ -232,10 +246,18 @@ impl Channel {
         Some(g.generation)
     }
 
-    /// Submit a request (its `id` is set here) and wait for its outcome.
-    pub fn call(&self, mut req: Request) -> Outcome {
+    /// Submit a request (its `id` is set here) to paging server `generation` and wait
+    /// for its outcome. `Lost` at once if that server was replaced already: the window
+    /// it was prepared in is not the running server's. (Submitted while that server is
+    /// down, it is handed back as `Lost` when the next one attaches.)
+    pub fn call(&self, generation: u64, mut req: Request) -> Outcome {
         let id = {
             let mut g = self.lock();
+            if g.generation != generation {
+                drop(g);
+                self.metrics.resubmitted.fetch_add(1, Relaxed);
+                return Outcome::Lost;
+            }
             let id = g.next_id;
             g.next_id += 1;
             req.id = id;
@@ -622,7 +644,7 @@ mod device_tests {
         // A caller submits while the server has no buffer yet: the request waits.
         let caller = {
             let ch = channel.clone();
-            std::thread::spawn(move || match ch.call(Request::new(0, vasi::op::PAGE_IN, 1, 3, &[7, 8])) {
+            std::thread::spawn(move || match ch.call(ch.generation(), Request::new(0, vasi::op::PAGE_IN, 1, 3, &[7, 8])) {
                 Outcome::Done(c) => c,
                 Outcome::Lost => panic!("lost"),
             })
@@ -669,7 +691,7 @@ mod device_tests {
         let channel = Channel::new(MEM - 4096, 1, &[0]);
         let caller = {
             let ch = channel.clone();
-            std::thread::spawn(move || matches!(ch.call(Request::new(0, vasi::op::FLUSH, 0, 0, &[])), Outcome::Lost))
+            std::thread::spawn(move || matches!(ch.call(ch.generation(), Request::new(0, vasi::op::FLUSH, 0, 0, &[])), Outcome::Lost))
         };
         while channel.lock().queued.is_empty() {
             std::thread::yield_now();
@@ -678,5 +700,37 @@ mod device_tests {
         let shared = Shared::new("ps", Arc::default(), Instant::now());
         channel.attach_server(m, &t, &shared);
         assert!(caller.join().unwrap(), "the caller learns its request was lost and submits it again");
+    }
+
+    /// A window filled for one paging server is never handed to the next one: after a
+    /// restart the old generation's window can neither be written nor read, and a
+    /// request prepared in it comes back `Lost` without reaching the new server.
+    #[test]
+    fn windows_and_requests_are_bound_to_the_server_they_were_prepared_for() {
+        let channel = Channel::new(MEM - 4096, 1, &[0]);
+        let attach = |m: &GuestMemory| {
+            let t = Arc::new(Mutex::new(crate::devices::virtio::mmio::MmioTransport::for_tests(Box::new(VasiDevice::new(channel.clone())), m.clone())));
+            let shared = Shared::new("ps", Arc::default(), Instant::now());
+            channel.attach_server(m.clone(), &t, &shared);
+            (t, shared)
+        };
+        let (old, new) = (mem(), mem());
+        let _first = attach(&old);
+        let g1 = channel.generation();
+        let page = [0x5au8; 4096];
+        assert!(channel.write_window(g1, 0, &[&page[..]]));
+        let mut back = [0u8; 4096];
+        assert!(channel.read_window(g1, 0, &mut back) && back == page);
+        // The paging server is replaced (its window in the new memory holds zeros).
+        let _second = attach(&new);
+        let g2 = channel.generation();
+        assert_ne!(g1, g2);
+        assert!(!channel.write_window(g1, 0, &[&page[..]]), "the old server's window is gone");
+        assert!(!channel.read_window(g1, 0, &mut back), "data read by the old server is not in the new window");
+        let before = channel.metrics.resubmitted.load(Relaxed);
+        assert!(matches!(channel.call(g1, Request::new(0, vasi::op::PAGE_OUT, 0, 0, &[1])), Outcome::Lost));
+        assert!(channel.lock().queued.is_empty(), "nothing prepared for the old server reaches the new one");
+        assert_eq!(channel.metrics.resubmitted.load(Relaxed), before + 1);
+        assert!(channel.write_window(g2, 0, &[&page[..]]) && channel.read_window(g2, 0, &mut back) && back == page);
     }
 }

@@ -36,6 +36,9 @@ pub(in crate::devices::virtio::blk) struct Disk {
     pub read_only: bool,
     /// GET_ID answer: the serial, zero-padded to 20 bytes.
     pub id: [u8; ID_BYTES],
+    /// A paging device of the paging-server VM: its host I/O is subject to the fault
+    /// campaign's switches ([`crate::faults`]).
+    pub paging: bool,
 }
 
 /// State that exists only between activation and reset.
@@ -91,7 +94,7 @@ impl VirtioBlock {
         }
         let mut id = [0u8; ID_BYTES];
         id[..serial_id.len()].copy_from_slice(serial_id.as_bytes());
-        let disk = Disk { file, path: path.to_path_buf(), capacity: size / SECTOR_SIZE, read_only, id };
+        let disk = Disk { file, path: path.to_path_buf(), capacity: size / SECTOR_SIZE, read_only, id, paging: false };
 
         let mut features = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_BLK_F_FLUSH)
@@ -112,6 +115,11 @@ impl VirtioBlock {
             metrics: Arc::new(BlockMetrics::default()),
             active: None,
         })
+    }
+
+    /// Mark the disk as a paging device (see [`crate::faults`]).
+    pub fn set_paging_device(&mut self) {
+        self.disk.paging = true;
     }
 
     pub fn metrics(&self) -> Arc<BlockMetrics> {

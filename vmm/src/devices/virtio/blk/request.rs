@@ -463,6 +463,20 @@ impl Request {
     }
 }
 
+/// The error the fault campaign injects into this request's host I/O, if any (paging
+/// devices only; see [`crate::faults`]).
+fn injected(disk: &Disk, req: &Request) -> Option<io::Error> {
+    if !disk.paging {
+        return None;
+    }
+    let io = match req {
+        Request::In { .. } => crate::faults::PagingIo::Read,
+        Request::Out { .. } | Request::WriteZeroes(_) => crate::faults::PagingIo::Write,
+        Request::Flush | Request::GetId { .. } | Request::Discard(_) => return None,
+    };
+    crate::faults::get().paging_io(io)
+}
+
 fn mem_err(e: vm_memory::GuestMemoryError) -> io::Error {
     match e {
         vm_memory::GuestMemoryError::IOError(e) => e,
@@ -487,7 +501,7 @@ pub(super) fn process_chain(
         return 0;
     };
     let (status, written) = match Request::parse(&walk, mem, disk.capacity, disk.read_only) {
-        Ok(req) => match req.execute(disk, mem, m, writethrough) {
+        Ok(req) => match injected(disk, &req).map_or_else(|| req.execute(disk, mem, m, writethrough), Err) {
             Ok(n) => (VIRTIO_BLK_S_OK, n),
             Err(e) => {
                 let n = m.io_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
