@@ -98,8 +98,9 @@ struct Measured {
     peak_mib: f64,
     /// amsvm: the pool's peak (guest memory the pool granted), MiB.
     pool_peak_mib: Option<f64>,
-    /// QEMU: the memory cgroup's OOM killer ended it.
-    oom: bool,
+    /// QEMU: VMs the memory cgroup's OOM killer ended (the others then had their
+    /// memory: such a run is not comparable).
+    oom: u32,
 }
 
 /// A latency histogram: (bucket floor in ns, count).
@@ -179,7 +180,7 @@ fn amsvm_run(a: &PeersArgs, pool_mib: u64, backend: PagingBackend) -> Result<Mea
         written: reports.iter().map(|r| r.metrics.page_out_writes.load(R)).sum(),
         peak_mib: peak_kib as f64 / 1024.0,
         pool_peak_mib: Some(pool_peak as f64 / 256.0),
-        oom: false,
+        oom: 0,
     })
 }
 
@@ -357,7 +358,7 @@ fn qemu_run(a: &PeersArgs, elf: &Path, pool_mib: u64, balloon: bool) -> Result<M
         let Some(exit) = text.lines().find(|l| l.starts_with("exit: ")) else {
             use std::os::unix::process::ExitStatusExt;
             if st.and_then(|s| s.signal()) == Some(libc::SIGKILL) {
-                m.oom = true;
+                m.oom += 1;
                 continue;
             }
             return Err(format!("{}: no exit line ({:?}); the VM's output:\n{}", log.display(), st, tail(&text)));
@@ -454,7 +455,10 @@ fn bench(a: &PeersArgs) -> Result<(), String> {
     );
     for (ratio, pool_mib, vm, local, sw, bal) in &rows {
         for (name, m) in [("amsvm (paging VM)", vm), ("amsvm (local store)", local), ("QEMU + swap", sw), ("QEMU + swap + balloon", bal)] {
-            let vs = if name.starts_with("amsvm") { format!("{:.2}/{:.2}", m.vpg / sw.vpg, m.vpg / bal.vpg) } else { String::new() };
+            // A QEMU run in which a VM was OOM-killed is no baseline: the others ran
+            // with its memory.
+            let ratio_to = |q: &Measured| if q.oom > 0 { "n/a".to_string() } else { format!("{:.2}", m.vpg / q.vpg) };
+            let vs = if name.starts_with("amsvm") { format!("{}/{}", ratio_to(sw), ratio_to(bal)) } else { String::new() };
             println!(
                 "{:>5.1}x {:>8}  {:<22} {:>10.0} {:>9.1} {:>9.1} {:>10} {:>10} {:>10.0} {:>9}{}",
                 ratio,
@@ -467,14 +471,14 @@ fn bench(a: &PeersArgs) -> Result<(), String> {
                 m.written,
                 m.peak_mib,
                 vs,
-                if m.oom { "  (a VM was OOM-killed)" } else { "" }
+                if m.oom > 0 { format!("  ({} of {} VMs OOM-killed)", m.oom, a.partitions) } else { String::new() }
             );
         }
     }
     println!("vpg/s: pages verified per second, all partitions together; stall: guest-timed accesses over {} us, in us;", STALL_NS / 1000.0);
     println!("pages in/out: read from / written to the paging devices (amsvm) or swap (QEMU, /proc/vmstat);");
     println!("peak: amsvm's peak RSS (VmHWM, the VMM and the paging-server VM included); QEMU: the cgroup's max_usage_in_bytes;");
-    println!("vs QEMU: amsvm's vpg/s over QEMU + swap's / over QEMU + swap + balloon's.");
+    println!("vs QEMU: amsvm's vpg/s over QEMU + swap's / over QEMU + swap + balloon's (n/a: a VM of that run was OOM-killed).");
     for (ratio, _, vm, local, _, _) in &rows {
         println!(
             "{ratio:.1}x: amsvm pool peak (guest memory granted) {:.0} MiB (paging VM), {:.0} MiB (local store)",
