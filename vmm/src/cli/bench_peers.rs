@@ -4,8 +4,10 @@
 //!
 //! - amsvm with its pool, paging through the paging-server VM and through the
 //!   in-process store;
-//! - N QEMU microvm processes in one memory cgroup (v1) the size of the pool, with a
-//!   swap file on the same disk: what a KVM user does today;
+//! - N QEMU microvm processes in one memory cgroup (v1) with a swap file on the same
+//!   disk: what a KVM user does today. The cgroup's limit is the host memory amsvm used
+//!   in the same run (its peak RSS: the pool plus the VMM and the paging-server VM), as
+//!   it holds QEMU's own processes too;
 //! - the same, each with a virtio-balloon whose target a simple policy sets over QMP
 //!   (free memory the guest reports is taken back, given again when it runs short):
 //!   the best a user gets from QEMU without amsvm.
@@ -259,11 +261,11 @@ fn balloon_policy(qmps: &mut [Qmp], logical: u64, stop: &AtomicBool) {
 
 /// The same workloads as N QEMU microvm processes in one memory cgroup of `pool_mib`
 /// (with the swap file on), with virtio-balloon and the policy above if `balloon`.
-fn qemu_run(a: &PeersArgs, elf: &Path, pool_mib: u64, balloon: bool) -> Result<Measured, String> {
+fn qemu_run(a: &PeersArgs, elf: &Path, limit_mib: u64, balloon: bool) -> Result<Measured, String> {
     let cg = PathBuf::from(format!("/sys/fs/cgroup/memory/amsvm-peers-{}", std::process::id()));
     std::fs::create_dir_all(&cg).map_err(|e| format!("{}: {e} (needs the cgroup v1 memory controller)", cg.display()))?;
     let _rm = RemoveDir(cg.clone());
-    std::fs::write(cg.join("memory.limit_in_bytes"), (pool_mib * MIB).to_string()).map_err(|e| format!("memory.limit_in_bytes: {e}"))?;
+    std::fs::write(cg.join("memory.limit_in_bytes"), (limit_mib * MIB).to_string()).map_err(|e| format!("memory.limit_in_bytes: {e}"))?;
     let (sin, sout) = (vmstat("pswpin "), vmstat("pswpout "));
     let mut children: Vec<(Child, PathBuf)> = Vec::new();
     let kill_all = |children: &mut Vec<(Child, PathBuf)>| {
@@ -438,9 +440,12 @@ fn bench(a: &PeersArgs) -> Result<(), String> {
         };
         let vm = run("amsvm, paging-server VM", &|| amsvm_run(a, pool_mib, PagingBackend::Vm))?;
         let local = run("amsvm, local store", &|| amsvm_run(a, pool_mib, PagingBackend::Local))?;
-        let swap_run = run("QEMU + swap", &|| qemu_run(a, &elf, pool_mib, false))?;
-        let balloon = run("QEMU + swap + balloon", &|| qemu_run(a, &elf, pool_mib, true))?;
-        rows.push((ratio, pool_mib, vm, local, swap_run, balloon));
+        // QEMU gets the same host memory amsvm used: the pool plus amsvm's own overhead
+        // (the VMM and the paging-server VM), as the cgroup holds QEMU's processes too.
+        let limit_mib = pool_mib.max(vm.peak_mib.max(local.peak_mib).ceil() as u64);
+        let swap_run = run("QEMU + swap", &|| qemu_run(a, &elf, limit_mib, false))?;
+        let balloon = run("QEMU + swap + balloon", &|| qemu_run(a, &elf, limit_mib, true))?;
+        rows.push((ratio, pool_mib, limit_mib, vm, local, swap_run, balloon));
     }
     drop(swap);
     println!();
@@ -453,7 +458,7 @@ fn bench(a: &PeersArgs) -> Result<(), String> {
         "{:>6} {:>8}  {:<22} {:>10} {:>9} {:>9} {:>10} {:>10} {:>10} {:>9}",
         "ratio", "pool MiB", "configuration", "vpg/s", "stall p50", "stall p99", "pages in", "pages out", "peak MiB", "vs QEMU"
     );
-    for (ratio, pool_mib, vm, local, sw, bal) in &rows {
+    for (ratio, pool_mib, _, vm, local, sw, bal) in &rows {
         for (name, m) in [("amsvm (paging VM)", vm), ("amsvm (local store)", local), ("QEMU + swap", sw), ("QEMU + swap + balloon", bal)] {
             // A QEMU run in which a VM was OOM-killed is no baseline: the others ran
             // with its memory.
@@ -479,9 +484,9 @@ fn bench(a: &PeersArgs) -> Result<(), String> {
     println!("pages in/out: read from / written to the paging devices (amsvm) or swap (QEMU, /proc/vmstat);");
     println!("peak: amsvm's peak RSS (VmHWM, the VMM and the paging-server VM included); QEMU: the cgroup's max_usage_in_bytes;");
     println!("vs QEMU: amsvm's vpg/s over QEMU + swap's / over QEMU + swap + balloon's (n/a: a VM of that run was OOM-killed).");
-    for (ratio, _, vm, local, _, _) in &rows {
+    for (ratio, _, limit_mib, vm, local, _, _) in &rows {
         println!(
-            "{ratio:.1}x: amsvm pool peak (guest memory granted) {:.0} MiB (paging VM), {:.0} MiB (local store)",
+            "{ratio:.1}x: amsvm pool peak (guest memory granted) {:.0} MiB (paging VM), {:.0} MiB (local store); QEMU's cgroup limit {limit_mib} MiB (amsvm's peak RSS)",
             vm.pool_peak_mib.unwrap_or(f64::NAN),
             local.pool_peak_mib.unwrap_or(f64::NAN)
         );
