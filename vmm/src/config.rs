@@ -71,7 +71,33 @@ pub struct PoolConfig {
     /// `paging` next to the config).
     #[serde(default)]
     pub paging_dir: Option<PathBuf>,
+    /// Whom the pool pages when it is full: "share" (the default) or "protect".
+    #[serde(default)]
+    pub policy: ReclaimPolicy,
+    /// With `policy = "protect"`: seconds between rotations of the protection order
+    /// (default [`DEFAULT_ROTATE_S`]).
+    #[serde(default)]
+    pub rotate_s: Option<u64>,
 }
+
+/// `[pool] policy`: whom the pool pages when it is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReclaimPolicy {
+    /// Every partition keeps its weighted share of the pool at every moment: when their
+    /// working sets do not all fit, all of them page.
+    #[default]
+    Share,
+    /// Working-set protection (load control): partitions are ranked by weight, equal
+    /// weights in an order that rotates every `rotate_s`; a fault takes frames from the
+    /// lowest-ranked partition first, so as many working sets as fit stay whole. A
+    /// partition that has to page itself to run (it is at the bottom) yields its vCPUs'
+    /// CPU time to the others until it is protected again.
+    Protect,
+}
+
+/// Default `[pool] rotate_s`.
+pub const DEFAULT_ROTATE_S: u64 = 10;
 
 /// `[paging]`: the paging backend.
 #[derive(Debug, Clone, Deserialize)]
@@ -100,6 +126,9 @@ pub struct PoolSpec {
     /// Measurement only (`amsvm bench pool`): serve faults with the bare userfaultfd
     /// round trip, no budget. Never set from a config file.
     pub raw_uffd: bool,
+    pub policy: ReclaimPolicy,
+    /// How long each protection order lasts (`policy = "protect"`).
+    pub rotate: std::time::Duration,
 }
 
 /// Pool memory each partition needs beyond its `min_mib` to make progress (its vCPU's
@@ -424,7 +453,23 @@ impl Config {
                 specs.len()
             ));
         }
-        Ok(Some(PoolSpec { size_bytes, paging_dir, backend, raw_uffd: false }))
+        let rotate_s = match (pool.policy, pool.rotate_s) {
+            (ReclaimPolicy::Share, Some(_)) => {
+                return err(format!("{origin}: [pool] rotate_s only applies with policy = \"protect\""));
+            }
+            (_, Some(r)) if !(1..=86_400).contains(&r) => {
+                return err(format!("{origin}: [pool] rotate_s = {r}: must be between 1 and 86400 seconds"));
+            }
+            (_, r) => r.unwrap_or(DEFAULT_ROTATE_S),
+        };
+        Ok(Some(PoolSpec {
+            size_bytes,
+            paging_dir,
+            backend,
+            raw_uffd: false,
+            policy: pool.policy,
+            rotate: std::time::Duration::from_secs(rotate_s),
+        }))
     }
 
     pub fn from_file(path: &Path) -> Result<Setup, ConfigError> {
@@ -717,5 +762,20 @@ passes = 2
         assert!(e.contains("too small"), "{e}");
         let e = parse_setup(&two(65)).unwrap_err().0;
         assert!(e.contains("min_mib (65) is above logical_mib (64)"), "{e}");
+    }
+
+    #[test]
+    fn pool_policy_and_rotation() {
+        let with = |extra: &str| parse_setup(&format!("[pool]\nsize_mib = 64\n{extra}\n{GOOD}"));
+        let p = with("").unwrap().pool.unwrap();
+        assert_eq!((p.policy, p.rotate), (ReclaimPolicy::Share, std::time::Duration::from_secs(DEFAULT_ROTATE_S)));
+        let p = with("policy = \"protect\"\nrotate_s = 30").unwrap().pool.unwrap();
+        assert_eq!((p.policy, p.rotate), (ReclaimPolicy::Protect, std::time::Duration::from_secs(30)));
+        let e = with("policy = \"fair\"").unwrap_err().0;
+        assert!(e.contains("p.toml:3") && e.contains("fair") && e.contains("share") && e.contains("protect"), "{e}");
+        let e = with("rotate_s = 30").unwrap_err().0;
+        assert!(e.contains("rotate_s only applies with policy = \"protect\""), "{e}");
+        let e = with("policy = \"protect\"\nrotate_s = 0").unwrap_err().0;
+        assert!(e.contains("rotate_s = 0: must be between 1 and 86400"), "{e}");
     }
 }

@@ -60,6 +60,9 @@ pub struct PartitionMetrics {
     pub pauses: AtomicU64,
     /// Pool: times the partition was resumed after a pause.
     pub resumes: AtomicU64,
+    /// Pool (`policy = "protect"`): times the partition started yielding its vCPUs' CPU
+    /// time because it had to page itself to run.
+    pub cpu_yields: AtomicU64,
     /// Pool: the partition is paused because of this error (empty: running).
     pub paused: Mutex<Option<String>>,
     /// The workload's access-time histogram (TSC cycles, `amsvm_abi::latency_bucket`),

@@ -292,6 +292,7 @@ impl Partition {
                     home,
                 )
                 .map_err(|e| Error::Other(format!("pool: {e}")))?;
+                pp.set_order(spec.id);
                 *shared.pool.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(&pp));
                 Some(Attached(pp))
             }
@@ -494,13 +495,20 @@ impl Partition {
                         me.serve()
                     })
                 }
-                None => Box::new(move || {
+                None => {
+                    let pp = pool.as_ref().map(|a| a.0.clone());
+                    Box::new(move || {
                     if let Some(cpu) = home {
                         pin_current_thread(cpu);
                     }
+                    if let Some(pp) = pp {
+                        // SAFETY: gettid has no arguments and cannot fail.
+                        pp.add_vcpu_thread(unsafe { libc::gettid() });
+                    }
                     crate::seccomp::apply(crate::seccomp::Kind::Vcpu);
                     vcpu::run(&mut fd, &ctx)
-                }),
+                })
+                }
             };
             let t = std::thread::Builder::new()
                 .name(format!("{}-vcpu{id}", shared.name))

@@ -372,6 +372,9 @@ pub fn allow_list(kind: Kind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccomp
                 KVM_RUN,
                 KVM_GET_REGS,
             ])?;
+            // The pool's policy thread lowers (and restores) the priority of a
+            // thrashing partition's vCPU threads (`[pool] policy = "protect"`).
+            a.when(SYS_setpriority, vec![Cond::new(0, Len::Dword, Op::Eq, PRIO_PROCESS as u64)?])?;
         }
         Kind::Control => {
             // Sockets already listening: accept, read and write, time-outs and

@@ -2,12 +2,14 @@
 //! one run, with the very same guest (the workload unikernel, booted by amsvm natively
 //! and by QEMU through its PVH entry) and the same settings:
 //!
-//! - amsvm with its pool, paging through the paging-server VM and through the
-//!   in-process store;
+//! - amsvm with its pool under `policy = "protect"` (working-set protection), paging
+//!   through the paging-server VM and through the in-process store; and under
+//!   `policy = "share"` (every partition its share at every moment) with the store;
 //! - N QEMU microvm processes in one memory cgroup (v1) with a swap file on the same
 //!   disk: what a KVM user does today. The cgroup's limit is the host memory amsvm used
 //!   in the same run (its peak RSS: the pool plus the VMM and the paging-server VM), as
-//!   it holds QEMU's own processes too;
+//!   it holds QEMU's own processes too; where the OOM killer ends a VM, the run is made
+//!   again with more memory (a few times at most) and the limit used is printed;
 //! - the same, each with a virtio-balloon whose target a simple policy sets over QMP
 //!   (free memory the guest reports is taken back, given again when it runs short):
 //!   the best a user gets from QEMU without amsvm.
@@ -27,7 +29,7 @@ use clap::Args;
 use super::bench_pool::{chrono_like_date, vmstat, RemoveDir, Swap};
 use super::run::{run_specs_observed, success, Control, Observed};
 use super::{EXIT_BAD_INPUT, EXIT_GUEST_FAILED};
-use crate::config::{Config, PagingBackend};
+use crate::config::{Config, PagingBackend, ReclaimPolicy};
 
 #[derive(Args, Debug)]
 pub struct PeersArgs {
@@ -84,6 +86,10 @@ fn settings(a: &PeersArgs, i: u32) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// How many times a QEMU configuration is run again with more memory when the OOM
+/// killer ended one of its VMs.
+const QEMU_OOM_RETRIES: u64 = 5;
+
 /// What one configuration did, all partitions together.
 #[derive(Debug, Default, Clone)]
 struct Measured {
@@ -93,6 +99,10 @@ struct Measured {
     stall_p50: f64,
     stall_p99: f64,
     stalls: u64,
+    /// Accesses the workloads timed (stalled or not).
+    timed: u64,
+    /// Pages each partition (VM) verified in the timed loop; OOM-killed VMs left out.
+    per: Vec<u64>,
     /// Pages read from and written to paging devices (amsvm) or swap (QEMU).
     read: u64,
     written: u64,
@@ -108,7 +118,9 @@ struct Measured {
 /// A latency histogram: (bucket floor in ns, count).
 type Histogram = Vec<(f64, u64)>;
 
-fn stall_quantiles(h: &Histogram) -> (f64, f64, u64) {
+/// p50 and p99 of the stalls (µs), how many stalls, and how many accesses were timed.
+fn stall_quantiles(h: &Histogram) -> (f64, f64, u64, u64) {
+    let timed = h.iter().map(|x| x.1).sum();
     let mut h: Vec<(f64, u64)> = h.iter().copied().filter(|&(ns, n)| ns >= STALL_NS && n > 0).collect();
     h.sort_by(|a, b| a.0.total_cmp(&b.0));
     let total: u64 = h.iter().map(|x| x.1).sum();
@@ -121,14 +133,15 @@ fn stall_quantiles(h: &Histogram) -> (f64, f64, u64) {
         })
         .map_or(f64::NAN, |x| x.0 / 1000.0)
     };
-    (q(0.5), q(0.99), total)
+    (q(0.5), q(0.99), total, timed)
 }
 
 /// amsvm: the scenario through `amsvm run`'s own code, in this process.
-fn amsvm_run(a: &PeersArgs, pool_mib: u64, backend: PagingBackend) -> Result<Measured, String> {
+fn amsvm_run(a: &PeersArgs, pool_mib: u64, backend: PagingBackend, policy: ReclaimPolicy) -> Result<Measured, String> {
     let mut text = format!(
-        "[pool]\nsize_mib = {pool_mib}\npaging_dir = {:?}\n[paging]\nbackend = \"{}\"\n",
+        "[pool]\nsize_mib = {pool_mib}\npaging_dir = {:?}\npolicy = \"{}\"\n[paging]\nbackend = \"{}\"\n",
         a.dir.join("paging").display().to_string(),
+        if policy == ReclaimPolicy::Protect { "protect" } else { "share" },
         if backend == PagingBackend::Vm { "vm" } else { "local" }
     );
     for i in 0..a.partitions {
@@ -160,7 +173,8 @@ fn amsvm_run(a: &PeersArgs, pool_mib: u64, backend: PagingBackend) -> Result<Mea
         .unwrap_or(0);
     use std::sync::atomic::Ordering::Relaxed as R;
     let final_pass = (a.ws_mib + a.idle_mib) * 256;
-    let verified: u64 = reports.iter().map(|r| r.metrics.pages_verified.load(R).saturating_sub(final_pass)).sum();
+    let per: Vec<u64> = reports.iter().map(|r| r.metrics.pages_verified.load(R).saturating_sub(final_pass)).collect();
+    let verified: u64 = per.iter().sum();
     let mut hist = Histogram::new();
     for r in &reports {
         let khz = r.metrics.tsc_khz.load(R);
@@ -171,13 +185,15 @@ fn amsvm_run(a: &PeersArgs, pool_mib: u64, backend: PagingBackend) -> Result<Mea
             }
         }
     }
-    let (p50, p99, stalls) = stall_quantiles(&hist);
+    let (p50, p99, stalls, timed) = stall_quantiles(&hist);
     let pool_peak = *pool_peak.lock().unwrap();
     Ok(Measured {
         vpg: verified as f64 / a.seconds as f64,
         stall_p50: p50,
         stall_p99: p99,
         stalls,
+        timed,
+        per,
         read: reports.iter().map(|r| r.metrics.hpi.load(R) + r.metrics.cluster_reads.load(R)).sum(),
         written: reports.iter().map(|r| r.metrics.page_out_writes.load(R)).sum(),
         peak_mib: peak_kib as f64 / 1024.0,
@@ -361,6 +377,7 @@ fn qemu_run(a: &PeersArgs, elf: &Path, limit_mib: u64, balloon: bool) -> Result<
             use std::os::unix::process::ExitStatusExt;
             if st.and_then(|s| s.signal()) == Some(libc::SIGKILL) {
                 m.oom += 1;
+                m.per.push(0);
                 continue;
             }
             return Err(format!("{}: no exit line ({:?}); the VM's output:\n{}", log.display(), st, tail(&text)));
@@ -369,13 +386,15 @@ fn qemu_run(a: &PeersArgs, elf: &Path, limit_mib: u64, balloon: bool) -> Result<
         if !exit.starts_with("exit: status=0 ") || field("failures=") != Some(0) {
             return Err(format!("{}: the workload did not end well: {exit}", log.display()));
         }
-        verified += field("verified=").unwrap_or(0).saturating_sub(final_pass);
+        let v = field("verified=").unwrap_or(0).saturating_sub(final_pass);
+        verified += v;
+        m.per.push(v);
         if let Some(l) = text.lines().find(|l| l.starts_with("latency: ")) {
             hist.extend(parse_latency(l).ok_or_else(|| format!("{}: bad latency line: {l}", log.display()))?);
         }
     }
     m.vpg = verified as f64 / a.seconds as f64;
-    (m.stall_p50, m.stall_p99, m.stalls) = stall_quantiles(&hist);
+    (m.stall_p50, m.stall_p99, m.stalls, m.timed) = stall_quantiles(&hist);
     Ok(m)
 }
 
@@ -438,14 +457,41 @@ fn bench(a: &PeersArgs) -> Result<(), String> {
             eprintln!("{ratio}x ({pool_mib} MiB): {name} ...");
             f().map_err(|e| format!("{ratio}x, {name}: {e}"))
         };
-        let vm = run("amsvm, paging-server VM", &|| amsvm_run(a, pool_mib, PagingBackend::Vm))?;
-        let local = run("amsvm, local store", &|| amsvm_run(a, pool_mib, PagingBackend::Local))?;
+        let vm = run("amsvm, paging-server VM", &|| amsvm_run(a, pool_mib, PagingBackend::Vm, ReclaimPolicy::Protect))?;
+        let local = run("amsvm, local store", &|| amsvm_run(a, pool_mib, PagingBackend::Local, ReclaimPolicy::Protect))?;
+        let share = run("amsvm, local store, share", &|| amsvm_run(a, pool_mib, PagingBackend::Local, ReclaimPolicy::Share))?;
         // QEMU gets the same host memory amsvm used: the pool plus amsvm's own overhead
         // (the VMM and the paging-server VM), as the cgroup holds QEMU's processes too.
-        let limit_mib = pool_mib.max(vm.peak_mib.max(local.peak_mib).ceil() as u64);
-        let swap_run = run("QEMU + swap", &|| qemu_run(a, &elf, limit_mib, false))?;
-        let balloon = run("QEMU + swap + balloon", &|| qemu_run(a, &elf, limit_mib, true))?;
-        rows.push((ratio, pool_mib, limit_mib, vm, local, swap_run, balloon));
+        let limit_mib = [&vm, &local, &share].iter().map(|m| m.peak_mib.ceil() as u64).fold(pool_mib, u64::max);
+        // A run in which the memory cgroup's OOM killer ended a VM is no baseline (the
+        // others ran with its memory): run it again with more memory, a few times at
+        // most. What QEMU got is printed; more than amsvm had only favours QEMU.
+        let step = (pool_mib / 10).max(16);
+        let qemu = |name: &str, balloon: bool| -> Result<(Measured, u64), String> {
+            let mut limit = limit_mib;
+            loop {
+                let m = run(&format!("{name}, cgroup limit {limit} MiB"), &|| qemu_run(a, &elf, limit, balloon))?;
+                if m.oom == 0 || limit >= limit_mib + QEMU_OOM_RETRIES * step {
+                    return Ok((m, limit));
+                }
+                eprintln!("  ({} of {} VMs OOM-killed: again with {} MiB)", m.oom, a.partitions, limit + step);
+                limit += step;
+            }
+        };
+        let (swap_run, swap_limit) = qemu("QEMU + swap", false)?;
+        let (balloon, balloon_limit) = qemu("QEMU + swap + balloon", true)?;
+        rows.push((
+            ratio,
+            pool_mib,
+            [limit_mib, swap_limit, balloon_limit],
+            [
+                ("amsvm (paging VM)", vm),
+                ("amsvm (local store)", local),
+                ("amsvm (local, share)", share),
+                ("QEMU + swap", swap_run),
+                ("QEMU + swap + balloon", balloon),
+            ],
+        ));
     }
     drop(swap);
     println!();
@@ -455,21 +501,25 @@ fn bench(a: &PeersArgs) -> Result<(), String> {
         a.partitions, a.logical_mib, a.ws_mib, a.idle_mib, a.seconds
     );
     println!(
-        "{:>6} {:>8}  {:<22} {:>10} {:>9} {:>9} {:>10} {:>10} {:>10} {:>9}",
-        "ratio", "pool MiB", "configuration", "vpg/s", "stall p50", "stall p99", "pages in", "pages out", "peak MiB", "vs QEMU"
+        "{:>6} {:>8}  {:<22} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>9}",
+        "ratio", "pool MiB", "configuration", "vpg/s", "min/max", "stall/1k", "stall p50", "stall p99", "pages in", "pages out", "peak MiB", "vs QEMU"
     );
-    for (ratio, pool_mib, _, vm, local, sw, bal) in &rows {
-        for (name, m) in [("amsvm (paging VM)", vm), ("amsvm (local store)", local), ("QEMU + swap", sw), ("QEMU + swap + balloon", bal)] {
+    for (ratio, pool_mib, _, runs) in &rows {
+        let (sw, bal) = (&runs[3].1, &runs[4].1);
+        for (name, m) in runs {
             // A QEMU run in which a VM was OOM-killed is no baseline: the others ran
             // with its memory.
             let ratio_to = |q: &Measured| if q.oom > 0 { "n/a".to_string() } else { format!("{:.2}", m.vpg / q.vpg) };
             let vs = if name.starts_with("amsvm") { format!("{}/{}", ratio_to(sw), ratio_to(bal)) } else { String::new() };
+            let (lo, hi) = (m.per.iter().min().copied().unwrap_or(0), m.per.iter().max().copied().unwrap_or(0));
             println!(
-                "{:>5.1}x {:>8}  {:<22} {:>10.0} {:>9.1} {:>9.1} {:>10} {:>10} {:>10.0} {:>9}{}",
+                "{:>5.1}x {:>8}  {:<22} {:>10.0} {:>8.2} {:>8.1} {:>9.1} {:>9.1} {:>10} {:>10} {:>10.0} {:>9}{}",
                 ratio,
                 pool_mib,
                 name,
                 m.vpg,
+                lo as f64 / hi.max(1) as f64,
+                m.stalls as f64 * 1000.0 / m.timed.max(1) as f64,
                 m.stall_p50,
                 m.stall_p99,
                 m.read,
@@ -480,15 +530,18 @@ fn bench(a: &PeersArgs) -> Result<(), String> {
             );
         }
     }
-    println!("vpg/s: pages verified per second, all partitions together; stall: guest-timed accesses over {} us, in us;", STALL_NS / 1000.0);
+    println!("vpg/s: pages verified per second, all partitions together; min/max: the slowest partition's over the fastest's;");
+    println!("stall: guest-timed accesses over {} us, in us; stall/1k: of every 1000 timed accesses, how many stalled;", STALL_NS / 1000.0);
     println!("pages in/out: read from / written to the paging devices (amsvm) or swap (QEMU, /proc/vmstat);");
     println!("peak: amsvm's peak RSS (VmHWM, the VMM and the paging-server VM included); QEMU: the cgroup's max_usage_in_bytes;");
     println!("vs QEMU: amsvm's vpg/s over QEMU + swap's / over QEMU + swap + balloon's (n/a: a VM of that run was OOM-killed).");
-    for (ratio, _, limit_mib, vm, local, _, _) in &rows {
+    println!("amsvm's pool: policy \"protect\" (working sets protected in a rotating order) unless marked \"share\".");
+    for (ratio, _, [limit_mib, swap_limit, balloon_limit], runs) in &rows {
+        let peaks: Vec<String> =
+            runs[..3].iter().map(|(n, m)| format!("{:.0} MiB {}", m.pool_peak_mib.unwrap_or(f64::NAN), n.trim_start_matches("amsvm "))).collect();
         println!(
-            "{ratio:.1}x: amsvm pool peak (guest memory granted) {:.0} MiB (paging VM), {:.0} MiB (local store); QEMU's cgroup limit {limit_mib} MiB (amsvm's peak RSS)",
-            vm.pool_peak_mib.unwrap_or(f64::NAN),
-            local.pool_peak_mib.unwrap_or(f64::NAN)
+            "{ratio:.1}x: amsvm pool peak (guest memory granted) {}; amsvm's peak RSS {limit_mib} MiB; QEMU's cgroup limit {swap_limit} MiB (swap), {balloon_limit} MiB (balloon)",
+            peaks.join(", ")
         );
     }
     Ok(())

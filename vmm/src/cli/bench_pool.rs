@@ -60,7 +60,14 @@ fn run(specs: &[PartitionSpec], pool: Option<&PoolSpec>) -> Result<Vec<Report>, 
 }
 
 fn pool_spec(dir: &Path, size_mib: u64, raw: bool) -> PoolSpec {
-    PoolSpec { size_bytes: size_mib * MIB, paging_dir: dir.join("paging"), backend: PagingBackend::Local, raw_uffd: raw }
+    PoolSpec {
+        size_bytes: size_mib * MIB,
+        paging_dir: dir.join("paging"),
+        backend: PagingBackend::Local,
+        raw_uffd: raw,
+        policy: crate::config::ReclaimPolicy::Share,
+        rotate: std::time::Duration::from_secs(crate::config::DEFAULT_ROTATE_S),
+    }
 }
 
 fn vm_pool_spec(dir: &Path, size_mib: u64) -> PoolSpec {

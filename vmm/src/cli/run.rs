@@ -63,6 +63,7 @@ pub fn run_specs_observed(
                 .map_err(|source| crate::Error::Io { path: ps.paging_dir.clone(), source })?;
             let pool = if ps.raw_uffd { Pool::new_raw() } else { Pool::new(ps.size_bytes) }
                 .map_err(|e| crate::Error::Other(format!("pool: {e}")))?;
+            pool.set_policy(ps.policy, ps.rotate);
             // The paging server boots before the partitions that page to it.
             let server = match ps.backend {
                 crate::config::PagingBackend::Local => None,

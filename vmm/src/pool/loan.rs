@@ -77,6 +77,7 @@ pub(super) fn run(pool: Weak<Pool>) {
     loop {
         let Some(pool) = pool.upgrade() else { return };
         round(&pool);
+        pool.apply_cpu_yield();
         let s = pool.lock();
         let _ = pool.loan_wake.wait_timeout(s, INTERVAL);
     }

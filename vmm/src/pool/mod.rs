@@ -34,8 +34,9 @@ pub use partition::{Attached, PartitionPool, PauseSink, PoolError};
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Condvar, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::config::ReclaimPolicy;
 use crate::metrics::PoolMetrics;
 
 /// Pages paged out per reclaim round: amortizes the pager write and the staging
@@ -56,8 +57,20 @@ const FRAME_WAIT: Duration = Duration::from_millis(5);
 struct PoolState {
     /// Frames granted.
     resident: u64,
+    /// In registration order.
     partitions: Vec<Weak<PartitionPool>>,
+    policy: ReclaimPolicy,
+    /// How long each protection order lasts (`ReclaimPolicy::Protect`).
+    rotate: Duration,
 }
+
+/// `ReclaimPolicy::Protect`: a partition is thrashing while its faults keep finding no
+/// lower-ranked partition to take frames from (it pages itself, or higher ranks):
+/// [`THRASH_FAULTS`] such faults within this long, and until this long after the last.
+const THRASH_HOLD_MS: u64 = 500;
+/// See [`THRASH_HOLD_MS`]: fewer is a moment (lower ranks had all their pages in
+/// transit), not thrashing.
+pub(crate) const THRASH_FAULTS: u32 = 4;
 
 /// The staging area: where page-outs move victims before writing them. Registered with
 /// its own userfaultfd (UFFDIO_MOVE's destination must be registered), which has no
@@ -141,6 +154,8 @@ pub struct Pool {
     pub metrics: Arc<PoolMetrics>,
     /// Key of the page hashes (per process, random).
     hash_seed: u64,
+    /// When the pool was made: the clock of rotations and thrashing marks.
+    started: Instant,
     /// Measurement mode (`amsvm bench pool`): faults are served with a zero page at once,
     /// with no budget, table or pager — the bare userfaultfd round trip.
     raw: bool,
@@ -168,12 +183,18 @@ impl Pool {
         };
         let pool = Arc::new(Pool {
             capacity,
-            state: Mutex::new(PoolState { resident: 0, partitions: Vec::new() }),
+            state: Mutex::new(PoolState {
+                resident: 0,
+                partitions: Vec::new(),
+                policy: ReclaimPolicy::Share,
+                rotate: Duration::from_secs(crate::config::DEFAULT_ROTATE_S),
+            }),
             frames: Condvar::new(),
             loan_wake: Condvar::new(),
             staging: Staging::new()?,
             metrics,
             hash_seed,
+            started: Instant::now(),
             raw,
         });
         if !raw {
@@ -191,6 +212,18 @@ impl Pool {
 
     pub fn capacity_pages(&self) -> u64 {
         self.capacity
+    }
+
+    /// Choose whom the pool pages when it is full (see [`ReclaimPolicy`]).
+    pub fn set_policy(&self, policy: ReclaimPolicy, rotate: Duration) {
+        let mut s = self.lock();
+        s.policy = policy;
+        s.rotate = rotate.max(Duration::from_millis(1));
+    }
+
+    /// Milliseconds since the pool was made, plus one (0 stands for "never").
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
@@ -211,25 +244,34 @@ impl Pool {
                 let mut s = self.lock();
                 if s.resident < self.capacity {
                     s.resident += 1;
-                    if ((self.capacity - s.resident) as f64) < self.capacity as f64 * loan::LOW_WATERMARK {
+                    // Wake the loaning policy when the free frames cross the low
+                    // watermark (below it, it runs every `loan::INTERVAL` anyway: a wake
+                    // per fault would only cost CPU and the pool's lock).
+                    let low = (self.capacity as f64 * loan::LOW_WATERMARK) as u64;
+                    if self.capacity - s.resident == low.saturating_sub(1) {
                         self.loan_wake.notify_one();
                     }
                     self.metrics.resident.store(s.resident, Relaxed);
                     self.metrics.peak_resident.fetch_max(s.resident, Relaxed);
                     return true;
                 }
-                self.rank_victims(&s, requester)
+                (self.rank_victims(&s, requester), s.policy)
             };
+            let ((victims, requester_rank), policy) = victims;
             if requester.is_detached() {
                 return false;
             }
             // The best candidate first; the next if it could free nothing after all
             // (its pages went into transit meanwhile).
             let mut freed = 0;
-            for (v, want) in victims {
+            for (v, want, rank) in victims {
                 freed = v.page_out(want);
                 if freed > 0 {
                     self.metrics.reclaims.fetch_add(1, Relaxed);
+                    // Under Protect: no lower-ranked partition had anything to give.
+                    if policy == ReclaimPolicy::Protect && rank <= requester_rank {
+                        requester.paged_without_lower(self.now_ms(), THRASH_HOLD_MS);
+                    }
                     break;
                 }
             }
@@ -258,6 +300,25 @@ impl Pool {
         self.metrics.resident.store(s.resident, Relaxed);
         self.metrics.peak_resident.fetch_max(s.resident, Relaxed);
         k
+    }
+
+    /// `ReclaimPolicy::Protect`: a partition that is thrashing (it pages itself to run)
+    /// while another is not yields its vCPUs' CPU time: paging, it would spend the CPU
+    /// making little progress, which the protected partitions turn into work. It runs
+    /// again at full priority once it stops thrashing (when the rotation protects it).
+    /// Called by the loaning policy's thread every round.
+    fn apply_cpu_yield(&self) {
+        let (policy, parts) = {
+            let s = self.lock();
+            (s.policy, s.partitions.iter().filter_map(Weak::upgrade).collect::<Vec<_>>())
+        };
+        let now = self.now_ms();
+        let thrashing: Vec<bool> =
+            parts.iter().map(|p| policy == ReclaimPolicy::Protect && p.thrashing(now, THRASH_HOLD_MS)).collect();
+        let someone_runs = thrashing.iter().any(|t| !t);
+        for (p, t) in parts.iter().zip(thrashing) {
+            p.yield_cpu(t && someone_runs);
+        }
     }
 
     /// Wake the faults waiting for frames (a partition they may take from came back).
@@ -296,11 +357,28 @@ impl Pool {
     /// partition get stuck below its share); otherwise the requester pages itself first. At equilibrium every partition sits at its target, and without this rule
     /// the one that keeps faulting (it wants more than its share) would take its pages
     /// from partitions that are within theirs.
-    fn rank_victims(&self, s: &PoolState, requester: &PartitionPool) -> Vec<(Arc<PartitionPool>, usize)> {
+    ///
+    /// Under [`ReclaimPolicy::Protect`] the order is the protection order instead, lowest
+    /// rank first (see [`protect_ranks`]), a whole batch from each.
+    ///
+    /// Each victim comes with its rank under Protect (0 otherwise), and the requester's
+    /// rank is returned too.
+    fn rank_victims(&self, s: &PoolState, requester: &PartitionPool) -> (Vec<(Arc<PartitionPool>, usize, usize)>, usize) {
         let parts: Vec<Arc<PartitionPool>> = s.partitions.iter().filter_map(Weak::upgrade).collect();
+        let is_requester = |p: &Arc<PartitionPool>| std::ptr::eq(Arc::as_ptr(p), requester);
+        if s.policy == ReclaimPolicy::Protect {
+            let mut parts = parts;
+            parts.sort_by_key(|p| p.order());
+            let epoch = (self.started.elapsed().as_millis() / s.rotate.as_millis().max(1)) as u64;
+            let ranks = protect_ranks(&parts.iter().map(|p| p.weight()).collect::<Vec<_>>(), epoch);
+            let mine = parts.iter().zip(&ranks).find(|(p, _)| is_requester(p)).map_or(0, |(_, &r)| r);
+            let mut order: Vec<(usize, Arc<PartitionPool>)> =
+                ranks.into_iter().zip(parts).filter(|(_, p)| p.evictable() > 0).collect();
+            order.sort_by_key(|(rank, _)| std::cmp::Reverse(*rank));
+            return (order.into_iter().map(|(rank, p)| (p, RECLAIM_BATCH, rank)).collect(), mine);
+        }
         let resident: Vec<f64> = parts.iter().map(|p| p.resident() as f64).collect();
         // Demand: what a partition holds now; the requester wants more than it holds.
-        let is_requester = |p: &Arc<PartitionPool>| std::ptr::eq(Arc::as_ptr(p), requester);
         let targets = water_fill(
             self.capacity as f64,
             &parts
@@ -324,11 +402,34 @@ impl Pool {
                 ranked.insert(first_within, r);
             }
         }
-        ranked
+        let victims = ranked
             .into_iter()
-            .map(|(excess, p)| (p, (excess.ceil().max(0.0) as usize).clamp(MIN_RECLAIM, RECLAIM_BATCH)))
-            .collect()
+            .map(|(excess, p)| (p, (excess.ceil().max(0.0) as usize).clamp(MIN_RECLAIM, RECLAIM_BATCH), 0))
+            .collect();
+        (victims, 0)
     }
+}
+
+/// `ReclaimPolicy::Protect`: the rank of each partition (given in config order by
+/// weight), 0 the most protected: higher weights first; equal weights in
+/// config order rotated by `epoch`, so that in each new epoch the partition that
+/// was first among them goes last and every other one moves up.
+pub(crate) fn protect_ranks(weights: &[u8], epoch: u64) -> Vec<usize> {
+    let n = weights.len();
+    let mut by: Vec<usize> = (0..n).collect();
+    // Within a weight, k's place in the rotation: its distance after the first one of
+    // this epoch.
+    let turn = |k: usize| {
+        let peers: Vec<usize> = (0..n).filter(|&j| weights[j] == weights[k]).collect();
+        let pos = peers.iter().position(|&j| j == k).unwrap_or(0);
+        (pos + peers.len() - (epoch % peers.len() as u64) as usize) % peers.len()
+    };
+    by.sort_by_key(|&k| (std::cmp::Reverse(weights[k]), turn(k)));
+    let mut rank = vec![0; n];
+    for (r, &k) in by.iter().enumerate() {
+        rank[k] = r;
+    }
+    rank
 }
 
 /// Targets for partitions given as `(min, weight, demand)`: each gets its `min` plus a

@@ -2,7 +2,7 @@
 //! thread, page-in and page-out.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -117,7 +117,21 @@ pub struct PartitionPool {
     /// The partition's virtio-balloon, once its devices exist.
     balloon: Mutex<Option<BalloonHandle>>,
     loan_track: Mutex<LoanTrack>,
+    /// Thread ids of the partition's vCPU threads (for `yield_cpu`).
+    vcpu_tids: Mutex<Vec<i32>>,
+    /// When (the pool's `now_ms`) this partition was last found thrashing; 0: never.
+    thrash_at: AtomicU64,
+    /// Faults that found no lower rank to take from: since when, how many.
+    thrash_window: Mutex<(u64, u32)>,
+    /// Its vCPU threads run at the lowest priority (see `Pool::apply_cpu_yield`).
+    yielding: AtomicBool,
+    /// Its place in the config (`ReclaimPolicy::Protect` ranks equal weights in this
+    /// order before rotating); u32::MAX until set.
+    order: AtomicU32,
 }
+
+/// The nice value of a yielding partition's vCPU threads.
+const YIELD_NICE: i32 = 19;
 
 /// Returns a bitmap of the pages written since the previous call.
 pub type ReferenceSource = Box<dyn Fn() -> Option<Vec<u64>> + Send + Sync>;
@@ -132,6 +146,19 @@ fn is_mapped(addr: u64) -> bool {
     // SAFETY: mincore only reads page-table state of our own address space.
     let rc = unsafe { libc::mincore(addr as *mut _, 4096, &mut v) };
     rc != 0 || v & 1 != 0
+}
+
+/// Set thread `tid`'s nice value (best effort: without CAP_SYS_NICE a thread cannot be
+/// given its normal priority back, which is logged once).
+fn set_nice(tid: i32, nice: i32) {
+    // SAFETY: setpriority on one thread id; no memory is passed.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if rc != 0 {
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        if !WARNED.swap(true, Relaxed) {
+            tracing::warn!("cannot set the priority of vCPU thread {tid} to {nice}: {}", std::io::Error::last_os_error());
+        }
+    }
 }
 
 fn page_is_zero(p: &[u8]) -> bool {
@@ -192,6 +219,11 @@ impl PartitionPool {
             last_harvest: Mutex::new(Instant::now()),
             balloon: Mutex::new(None),
             loan_track: Mutex::new(LoanTrack::default()),
+            vcpu_tids: Mutex::new(Vec::new()),
+            thrash_at: AtomicU64::new(0),
+            thrash_window: Mutex::new((0, 0)),
+            yielding: AtomicBool::new(false),
+            order: AtomicU32::new(u32::MAX),
         });
         pool.register(&pp);
         let me = pp.clone();
@@ -207,6 +239,65 @@ impl PartitionPool {
             .map_err(|e| PoolError::Os("spawning the fault handler", e))?;
         *pp.handler.lock().unwrap() = Some(h);
         Ok(pp)
+    }
+
+    /// A vCPU thread of this partition (its thread id), whose CPU time the pool may make
+    /// yield to other partitions (`policy = "protect"`).
+    pub fn add_vcpu_thread(&self, tid: i32) {
+        self.vcpu_tids.lock().unwrap_or_else(|e| e.into_inner()).push(tid);
+        if self.yielding.load(Relaxed) {
+            set_nice(tid, YIELD_NICE);
+        }
+    }
+
+    /// A fault of this partition found no lower-ranked partition to take frames from
+    /// (`ReclaimPolicy::Protect`): it is thrashing once that happened
+    /// [`super::THRASH_FAULTS`] times within `hold_ms`.
+    pub(super) fn paged_without_lower(&self, now_ms: u64, hold_ms: u64) {
+        let mut w = self.thrash_window.lock().unwrap_or_else(|e| e.into_inner());
+        if now_ms.saturating_sub(w.0) >= hold_ms {
+            *w = (now_ms, 0);
+        }
+        w.1 += 1;
+        if w.1 >= super::THRASH_FAULTS {
+            self.thrash_at.store(now_ms, Relaxed);
+        }
+    }
+
+    /// Was this partition found thrashing within `hold_ms`?
+    pub(super) fn thrashing(&self, now_ms: u64, hold_ms: u64) -> bool {
+        let t = self.thrash_at.load(Relaxed);
+        t != 0 && now_ms.saturating_sub(t) < hold_ms
+    }
+
+    /// Its place in the config: the order in which `policy = "protect"` ranks partitions
+    /// of equal weight (those without one come after, in the order they attached).
+    pub fn set_order(&self, order: u32) {
+        self.order.store(order, Relaxed);
+    }
+
+    pub(super) fn order(&self) -> u32 {
+        self.order.load(Relaxed)
+    }
+
+    /// Its vCPU threads run at the lowest priority now (see `yield_cpu`).
+    pub fn is_yielding(&self) -> bool {
+        self.yielding.load(Relaxed)
+    }
+
+    /// Run this partition's vCPU threads at the lowest priority (`on`) or at the
+    /// normal one again.
+    pub(super) fn yield_cpu(&self, on: bool) {
+        if self.yielding.swap(on, Relaxed) == on {
+            return;
+        }
+        if on {
+            self.metrics.cpu_yields.fetch_add(1, Relaxed);
+        }
+        tracing::debug!(partition = %self.name, "{}", if on { "thrashing: its vCPUs yield the CPU" } else { "its vCPUs run at normal priority again" });
+        for &tid in self.vcpu_tids.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            set_nice(tid, if on { YIELD_NICE } else { 0 });
+        }
     }
 
     /// The partition's balloon, for the loaning policy (set again after a reset).

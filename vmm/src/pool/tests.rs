@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use super::pages::State;
 use super::*;
+use crate::config::ReclaimPolicy;
 use crate::metrics::PartitionMetrics;
 use crate::pager::{Pager, PagerError, Slot, PAGE_SIZE};
 
@@ -405,4 +406,86 @@ fn discarded_pages_return_frames_and_slots_and_come_back_as_zeros() {
     }
     // Out-of-range requests are clamped to the partition.
     assert_eq!(a.pp.0.discard_pages(1 << 40, 10), 0);
+}
+
+#[test]
+fn protect_ranks_put_weight_first_and_rotate_equals() {
+    assert_eq!(protect_ranks(&[128, 128, 128], 0), vec![0, 1, 2]);
+    // Next epoch: the first goes last, every other one moves up.
+    assert_eq!(protect_ranks(&[128, 128, 128], 1), vec![2, 0, 1]);
+    assert_eq!(protect_ranks(&[128, 128, 128], 2), vec![1, 2, 0]);
+    assert_eq!(protect_ranks(&[128, 128, 128], 3), vec![0, 1, 2]);
+    // A higher weight is always protected first; equal weights rotate among themselves.
+    assert_eq!(protect_ranks(&[10, 200, 10], 0), vec![1, 0, 2]);
+    assert_eq!(protect_ranks(&[10, 200, 10], 1), vec![2, 0, 1]);
+    assert!(protect_ranks(&[], 5).is_empty());
+}
+
+#[test]
+fn protect_keeps_whole_the_working_sets_that_fit_and_the_last_one_yields() {
+    // 96 frames, three partitions with 40-page working sets: two fit, the third does not.
+    let pool = Pool::new(96 * 4096).unwrap();
+    pool.set_policy(ReclaimPolicy::Protect, std::time::Duration::from_secs(3600));
+    let parts: Vec<Part> = ["a", "b", "c"].iter().map(|n| part(&pool, n, 48, 0, 128, MemPager::default())).collect();
+    let (a, b, c) = (&parts[0], &parts[1], &parts[2]);
+    // All three at once.
+    std::thread::scope(|s| {
+        for (k, p) in parts.iter().enumerate() {
+            s.spawn(move || {
+                let tag = k as u64 + 1;
+                for round in 1..=6 {
+                    for i in 0..40 {
+                        p.region.write(i, tag, round);
+                    }
+                    for i in 0..40 {
+                        assert!(p.region.check(i, tag, round), "partition {tag} page {i} round {round}");
+                    }
+                }
+            });
+        }
+    });
+    // A pass of the protected ones (what they lack comes from the last one), then
+    // another: their whole working sets are resident now, nothing is read back.
+    let pass = || {
+        for (p, tag) in [(a, 1u64), (b, 2u64)] {
+            for i in 0..40 {
+                assert!(p.region.check(i, tag, 6), "partition {tag} page {i}");
+            }
+        }
+    };
+    pass();
+    assert!(a.pp.0.resident() >= 40 && b.pp.0.resident() >= 40, "ranks 0 and 1 keep their working sets: {} {}", a.pp.0.resident(), b.pp.0.resident());
+    let hpi = (a.metrics.hpi.load(Relaxed), b.metrics.hpi.load(Relaxed));
+    pass();
+    assert_eq!((a.metrics.hpi.load(Relaxed), b.metrics.hpi.load(Relaxed)), hpi, "protected working sets were not paged");
+    // The last one runs on alone (as a vCPU thread would): it can only page itself, so it
+    // is thrashing, and the policy thread (every 50 ms) makes it yield while the
+    // protected ones run at normal priority.
+    let settled = std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: gettid has no arguments and cannot fail.
+            c.pp.0.add_vcpu_thread(unsafe { libc::gettid() });
+            let t0 = std::time::Instant::now();
+            let mut round = 7;
+            while t0.elapsed().as_secs() < 10 {
+                for i in 0..40 {
+                    c.region.write(i, 3, round);
+                }
+                for i in 0..40 {
+                    assert!(c.region.check(i, 3, round), "partition 3 page {i} round {round}");
+                }
+                round += 1;
+                if c.pp.0.is_yielding() && !a.pp.0.is_yielding() && !b.pp.0.is_yielding() {
+                    return true;
+                }
+            }
+            false
+        })
+        .join()
+        .unwrap()
+    });
+    assert!(settled, "the thrashing partition yields and the protected ones do not: {} {} {}", a.pp.0.is_yielding(), b.pp.0.is_yielding(), c.pp.0.is_yielding());
+    assert!(c.metrics.cpu_yields.load(Relaxed) > 0);
+    assert_eq!((a.metrics.hpi.load(Relaxed), b.metrics.hpi.load(Relaxed)), hpi, "the last one paged itself only");
+    assert!(pool.metrics.peak_resident.load(Relaxed) <= 96);
 }
