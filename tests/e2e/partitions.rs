@@ -35,3 +35,28 @@ fn four_workload_partitions_verify_every_page_and_exit_cleanly() {
         assert!(!log.trim().is_empty(), "partition p{i} printed nothing on its console");
     }
 }
+
+#[test]
+fn a_reader_that_goes_away_does_not_end_the_run() {
+    // `amsvm run cfg | head -1`, or a closed pipe: the summary cannot be printed, but the
+    // partitions still run to their end and the exit status is theirs.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = String::from("log_dir = \"logs\"\n");
+    for i in 0..2 {
+        cfg += &format!(
+            "[[partition]]\nname = \"p{i}\"\nlogical_mib = 32\nimage = \"workload\"\n\
+             [partition.workload]\nworking_set_mib = 8\npattern = \"uniform\"\nwrite_pct = 30\npasses = 2\n"
+        );
+    }
+    let path = write_config(dir.path(), "two.toml", &cfg);
+    let mut child = amsvm().arg("run").arg(&path).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for i in 0..2 {
+        let log = std::fs::read_to_string(dir.path().join("logs").join(format!("p{i}.log"))).unwrap();
+        assert!(log.contains("failures 0; disk 0 ok 0 bad; OK"), "partition p{i} did not end well:\n{log}");
+    }
+}

@@ -2,7 +2,7 @@
 //! Prometheus endpoint alike). Plain relaxed atomics: readers want recent values, not
 //! a consistent snapshot across counters.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use amsvm_abi::Progress;
@@ -63,6 +63,8 @@ pub struct PartitionMetrics {
     /// Pool (`policy = "protect"`): times the partition started yielding its vCPUs' CPU
     /// time because it had to page itself to run.
     pub cpu_yields: AtomicU64,
+    /// Pool: its vCPU threads run at the lowest priority now (it is thrashing).
+    pub yielding: AtomicBool,
     /// Pool: the partition is paused because of this error (empty: running).
     pub paused: Mutex<Option<String>>,
     /// The workload's access-time histogram (TSC cycles, `amsvm_abi::latency_bucket`),

@@ -113,6 +113,13 @@ pub fn exposition(s: &Snapshot) -> String {
     w.family("amsvm_partition_exits_total", "counter", "vCPU exits to amsvm.", per(&|p| p.exits as f64));
     w.family("amsvm_partition_resets_total", "counter", "Resets (reboots).", per(&|p| p.resets as f64));
     w.family("amsvm_partition_rejected_total", "counter", "Malformed guest requests rejected.", per(&|p| p.rejected as f64));
+    w.family(
+        "amsvm_partition_cpu_yields_total",
+        "counter",
+        "Times it started yielding its vCPUs' CPU because it was thrashing (pool policy protect).",
+        per(&|p| p.cpu_yields as f64),
+    );
+    w.family("amsvm_partition_yielding", "gauge", "1 while its vCPUs yield their CPU (thrashing).", per(&|p| f64::from(u8::from(p.yielding))));
     let balloons: Vec<_> = parts.iter().filter_map(|p| p.balloon.as_ref().map(|b| (p.name.clone(), b))).collect();
     let per_balloon = |f: &dyn Fn(&crate::control::BalloonSnapshot) -> u64| {
         balloons.iter().map(|(n, b)| (vec![("partition", n.clone())], f(b) as f64)).collect::<Vec<_>>()
@@ -252,11 +259,16 @@ mod tests {
         assert_eq!(value(&parsed, "amsvm_partition_hpi_total"), 5.0);
         assert_eq!(value(&parsed, "amsvm_partition_pmem_bytes"), 1048576.0);
         assert_eq!(value(&parsed, "amsvm_partition_weight"), 7.0);
+        assert_eq!(value(&parsed, "amsvm_partition_yielding"), 0.0);
         assert!(parsed.docs.contains_key("amsvm_partition_hpi_total"), "HELP lines are read");
         m.hpi.store(9, Relaxed);
+        m.cpu_yields.store(3, Relaxed);
+        m.yielding.store(true, Relaxed);
         let (_, body) = scrape(server.addr(), "/metrics");
         let parsed = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
         assert_eq!(value(&parsed, "amsvm_partition_hpi_total"), 9.0);
+        assert_eq!(value(&parsed, "amsvm_partition_cpu_yields_total"), 3.0);
+        assert_eq!(value(&parsed, "amsvm_partition_yielding"), 1.0);
         let (head, _) = scrape(server.addr(), "/other");
         assert!(head.contains(" 404 "), "{head}");
         // Label values are escaped.

@@ -154,13 +154,13 @@ fn startup_child(n: u32, mem_bytes: u64) -> i32 {
         }
     };
     for r in &reports {
-        println!("first_exit_mono_ns {}", epoch_mono + r.metrics.first_exit_ns.load(Relaxed));
+        out!("first_exit_mono_ns {}", epoch_mono + r.metrics.first_exit_ns.load(Relaxed));
     }
     let (during, guest) = *sample.lock().unwrap();
-    println!("rss_before {before}");
-    println!("rss_during {during}");
-    println!("guest_rss {guest}");
-    println!("failed {}", reports.iter().filter(|r| !success(r)).count());
+    out!("rss_before {before}");
+    out!("rss_during {during}");
+    out!("guest_rss {guest}");
+    out!("failed {}", reports.iter().filter(|r| !success(r)).count());
     0
 }
 
@@ -229,15 +229,15 @@ fn startup(n: u32, mem_mib: u64, runs: u32) -> i32 {
     let p50 = median(&mut sorted);
     let max = sorted.last().copied().unwrap_or(f64::NAN);
     let per128 = p50 * 128.0 / mem_mib as f64;
-    println!("amsvm bench startup: {n} partitions x {mem_mib} MiB started together, {runs} runs (fresh process each, after one warm-up)");
-    println!("{:<60} {:>10} {:>10}", "figure", "median", "target");
-    println!("{:<60} {:>8.2}ms {:>10}", "process spawn -> partition's first guest exit", p50, "");
-    println!("{:<60} {:>8.2}ms {:>8}ms", "  per 128 MiB of partition RAM", per128, 10);
-    println!("{:<60} {:>8.2}ms {:>10}", "  slowest partition of any run", max, "");
-    println!("{:<60} {:>7.2}MiB {:>7}MiB", "VMM RSS outside guest RAM, whole process / partitions", median(&mut whole), 5);
-    println!("{:<60} {:>7.2}MiB {:>10}", "  increment per partition (RSS after - before partitions)", median(&mut incr), "");
-    println!("{:<60} {:>7.2}MiB {:>10}", "  process RSS before any partition", median(&mut base), "");
-    println!("first guest exit = the workload's first instruction is a CLOCK hypercall; its exit is an upper bound of the first instruction");
+    out!("amsvm bench startup: {n} partitions x {mem_mib} MiB started together, {runs} runs (fresh process each, after one warm-up)");
+    out!("{:<60} {:>10} {:>10}", "figure", "median", "target");
+    out!("{:<60} {:>8.2}ms {:>10}", "process spawn -> partition's first guest exit", p50, "");
+    out!("{:<60} {:>8.2}ms {:>8}ms", "  per 128 MiB of partition RAM", per128, 10);
+    out!("{:<60} {:>8.2}ms {:>10}", "  slowest partition of any run", max, "");
+    out!("{:<60} {:>7.2}MiB {:>7}MiB", "VMM RSS outside guest RAM, whole process / partitions", median(&mut whole), 5);
+    out!("{:<60} {:>7.2}MiB {:>10}", "  increment per partition (RSS after - before partitions)", median(&mut incr), "");
+    out!("{:<60} {:>7.2}MiB {:>10}", "  process RSS before any partition", median(&mut base), "");
+    out!("first guest exit = the workload's first instruction is a CLOCK hypercall; its exit is an upper bound of the first instruction");
     if failures > 0 {
         eprintln!("amsvm: {failures} partition run(s) did not end cleanly");
         return EXIT_GUEST_FAILED;

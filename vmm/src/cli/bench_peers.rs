@@ -494,13 +494,13 @@ fn bench(a: &PeersArgs) -> Result<(), String> {
         ));
     }
     drop(swap);
-    println!();
-    println!("amsvm bench peers — {}", chrono_like_date());
-    println!(
+    out!();
+    out!("amsvm bench peers — {}", chrono_like_date());
+    out!(
         "{} partitions x {} MiB, working set {} MiB (hot spot 15% / 85% of accesses, moving) + {} MiB idle each, 30% writes, {} s",
         a.partitions, a.logical_mib, a.ws_mib, a.idle_mib, a.seconds
     );
-    println!(
+    out!(
         "{:>6} {:>8}  {:<22} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>9}",
         "ratio", "pool MiB", "configuration", "vpg/s", "min/max", "stall/1k", "stall p50", "stall p99", "pages in", "pages out", "peak MiB", "vs QEMU"
     );
@@ -512,7 +512,7 @@ fn bench(a: &PeersArgs) -> Result<(), String> {
             let ratio_to = |q: &Measured| if q.oom > 0 { "n/a".to_string() } else { format!("{:.2}", m.vpg / q.vpg) };
             let vs = if name.starts_with("amsvm") { format!("{}/{}", ratio_to(sw), ratio_to(bal)) } else { String::new() };
             let (lo, hi) = (m.per.iter().min().copied().unwrap_or(0), m.per.iter().max().copied().unwrap_or(0));
-            println!(
+            out!(
                 "{:>5.1}x {:>8}  {:<22} {:>10.0} {:>8.2} {:>8.1} {:>9.1} {:>9.1} {:>10} {:>10} {:>10.0} {:>9}{}",
                 ratio,
                 pool_mib,
@@ -530,16 +530,16 @@ fn bench(a: &PeersArgs) -> Result<(), String> {
             );
         }
     }
-    println!("vpg/s: pages verified per second, all partitions together; min/max: the slowest partition's over the fastest's;");
-    println!("stall: guest-timed accesses over {} us, in us; stall/1k: of every 1000 timed accesses, how many stalled;", STALL_NS / 1000.0);
-    println!("pages in/out: read from / written to the paging devices (amsvm) or swap (QEMU, /proc/vmstat);");
-    println!("peak: amsvm's peak RSS (VmHWM, the VMM and the paging-server VM included); QEMU: the cgroup's max_usage_in_bytes;");
-    println!("vs QEMU: amsvm's vpg/s over QEMU + swap's / over QEMU + swap + balloon's (n/a: a VM of that run was OOM-killed).");
-    println!("amsvm's pool: policy \"protect\" (working sets protected in a rotating order) unless marked \"share\".");
+    out!("vpg/s: pages verified per second, all partitions together; min/max: the slowest partition's over the fastest's;");
+    out!("stall: guest-timed accesses over {} us, in us; stall/1k: of every 1000 timed accesses, how many stalled;", STALL_NS / 1000.0);
+    out!("pages in/out: read from / written to the paging devices (amsvm) or swap (QEMU, /proc/vmstat);");
+    out!("peak: amsvm's peak RSS (VmHWM, the VMM and the paging-server VM included); QEMU: the cgroup's max_usage_in_bytes;");
+    out!("vs QEMU: amsvm's vpg/s over QEMU + swap's / over QEMU + swap + balloon's (n/a: a VM of that run was OOM-killed).");
+    out!("amsvm's pool: policy \"protect\" (working sets protected in a rotating order) unless marked \"share\".");
     for (ratio, _, [limit_mib, swap_limit, balloon_limit], runs) in &rows {
         let peaks: Vec<String> =
             runs[..3].iter().map(|(n, m)| format!("{:.0} MiB {}", m.pool_peak_mib.unwrap_or(f64::NAN), n.trim_start_matches("amsvm "))).collect();
-        println!(
+        out!(
             "{ratio:.1}x: amsvm pool peak (guest memory granted) {}; amsvm's peak RSS {limit_mib} MiB; QEMU's cgroup limit {swap_limit} MiB (swap), {balloon_limit} MiB (balloon)",
             peaks.join(", ")
         );

@@ -238,45 +238,45 @@ fn bench(a: &PoolBenchArgs) -> Result<(), String> {
         ));
     }
 
-    println!();
-    println!("amsvm bench pool — {}", chrono_like_date());
-    println!();
-    println!("page-in latency (guest-measured time of each access that faulted, i.e. took > {} us)", FAULTED_NS / 1000.0);
-    println!("  raw: every page of {lat_ws} MiB touched once; amsvm: uniform random over {lat_ws} MiB, pool {} MiB, after a warm-up pass", lat_ws / 2 + 8);
-    println!("{:<44} {:>10} {:>10} {:>10}", "", "p50 us", "p99 us", "samples");
-    println!("{:<44} {:>10.1} {:>10.1} {:>10}", "raw userfaultfd round trip (UFFDIO_COPY)", raw_p50, raw_p99, raw_n);
-    println!("{:<44} {:>10.1} {:>10.1} {:>10}", format!("amsvm page-in ({hpi} hpi)"), p50, p99, n);
-    println!("{:<44} {:>10.2} {:>10.2}", "amsvm / raw", p50 / raw_p50, p99 / raw_p99);
-    println!();
-    println!(
+    out!();
+    out!("amsvm bench pool — {}", chrono_like_date());
+    out!();
+    out!("page-in latency (guest-measured time of each access that faulted, i.e. took > {} us)", FAULTED_NS / 1000.0);
+    out!("  raw: every page of {lat_ws} MiB touched once; amsvm: uniform random over {lat_ws} MiB, pool {} MiB, after a warm-up pass", lat_ws / 2 + 8);
+    out!("{:<44} {:>10} {:>10} {:>10}", "", "p50 us", "p99 us", "samples");
+    out!("{:<44} {:>10.1} {:>10.1} {:>10}", "raw userfaultfd round trip (UFFDIO_COPY)", raw_p50, raw_p99, raw_n);
+    out!("{:<44} {:>10.1} {:>10.1} {:>10}", format!("amsvm page-in ({hpi} hpi)"), p50, p99, n);
+    out!("{:<44} {:>10.2} {:>10.2}", "amsvm / raw", p50 / raw_p50, p99 / raw_p99);
+    out!();
+    out!(
         "throughput: {} partitions x {} MiB, working set {} MiB each, hot spots moving, 30% writes, {} s per run",
         a.partitions, a.logical_mib, a.ws_mib, a.seconds
     );
-    println!(
+    out!(
         "{:>6} {:>9} {:>14} {:>10} {:>12} {:>14} {:>10} {:>10} {:>12}",
         "ratio", "pool MiB", "amsvm vpg/s", "amsvm hpi", "amsvm writes", "baseline vpg/s", "swap-ins", "swap-outs", "amsvm/base"
     );
     for (ratio, pool_mib, ours, hpi, writes, base) in rows {
         match base {
-            Base::Ran(b, sin, sout) => println!(
+            Base::Ran(b, sin, sout) => out!(
                 "{:>5.1}x {:>9} {:>14.0} {:>10} {:>12} {:>14.0} {:>10} {:>10} {:>12.2}",
                 ratio, pool_mib, ours, hpi, writes, b, sin, sout, ours / b
             ),
-            Base::OomKilled => println!(
+            Base::OomKilled => out!(
                 "{:>5.1}x {:>9} {:>14.0} {:>10} {:>12} {:>14} {:>10} {:>10} {:>12}",
                 ratio, pool_mib, ours, hpi, writes, "OOM-killed", "-", "-", "-"
             ),
-            Base::Skipped => println!("{:>5.1}x {:>9} {:>14.0} {:>10} {:>12} {:>14} {:>10} {:>10} {:>12}", ratio, pool_mib, ours, hpi, writes, "-", "-", "-", "-"),
+            Base::Skipped => out!("{:>5.1}x {:>9} {:>14.0} {:>10} {:>12} {:>14} {:>10} {:>10} {:>12}", ratio, pool_mib, ours, hpi, writes, "-", "-", "-", "-"),
         }
     }
-    println!("vpg/s: pages verified per second, all partitions together (the workload checks every word of every page it reads)");
+    out!("vpg/s: pages verified per second, all partitions together (the workload checks every word of every page it reads)");
     if let (Some((vp50, vp99, vn)), Some((vm_rate, vm_hpi, local_rate, local_hpi))) = (vm_latency, vm_2x) {
-        println!();
-        println!("paging backends: the in-process store and the paging-server VM (VASI), same runs as above");
-        println!("{:<28} {:>10} {:>10} {:>10} {:>14} {:>10}", "", "p50 us", "p99 us", "samples", "2x vpg/s", "2x hpi");
-        println!("{:<28} {:>10.1} {:>10.1} {:>10} {:>14.0} {:>10}", "local store", p50, p99, n, local_rate, local_hpi);
-        println!("{:<28} {:>10.1} {:>10.1} {:>10} {:>14.0} {:>10}", "paging-server VM", vp50, vp99, vn, vm_rate, vm_hpi);
-        println!(
+        out!();
+        out!("paging backends: the in-process store and the paging-server VM (VASI), same runs as above");
+        out!("{:<28} {:>10} {:>10} {:>10} {:>14} {:>10}", "", "p50 us", "p99 us", "samples", "2x vpg/s", "2x hpi");
+        out!("{:<28} {:>10.1} {:>10.1} {:>10} {:>14.0} {:>10}", "local store", p50, p99, n, local_rate, local_hpi);
+        out!("{:<28} {:>10.1} {:>10.1} {:>10} {:>14.0} {:>10}", "paging-server VM", vp50, vp99, vn, vm_rate, vm_hpi);
+        out!(
             "{:<28} {:>10.2} {:>10.2} {:>10} {:>14.2}   (targets: p50 <= 1.5, throughput >= 0.70)",
             "VM / local",
             vp50 / p50,
@@ -285,8 +285,8 @@ fn bench(a: &PoolBenchArgs) -> Result<(), String> {
             vm_rate / local_rate
         );
     }
-    println!();
-    println!(
+    out!();
+    out!(
         "loaning: {} partitions x {} MiB, working set {} MiB + {} MiB idle each, pool {} MiB (2x), {} s per run",
         a.partitions,
         a.logical_mib,
@@ -295,13 +295,13 @@ fn bench(a: &PoolBenchArgs) -> Result<(), String> {
         pool_mib,
         a.seconds
     );
-    println!(
+    out!(
         "{:>11} {:>12} {:>10} {:>13} {:>15} {:>15} {:>13} {:>13}",
         "loan_policy", "vpg/s", "hpi", "peak loan MiB", "balloon MiB", "balloon MiB/s", "paged MiB", "paging MiB/s"
     );
     let base = loan_rows.iter().find(|r| r.0 == LoanPolicy::Off).map(|r| r.1);
     for (policy, vpg, hpi, peak, bpages, brate, ppages, prate) in &loan_rows {
-        println!(
+        out!(
             "{:>11} {:>12.0} {:>10} {:>13.1} {:>15.1} {:>15.0} {:>13.1} {:>13.0}",
             policy.to_string(),
             vpg,
@@ -314,9 +314,9 @@ fn bench(a: &PoolBenchArgs) -> Result<(), String> {
         );
     }
     if let (Some(on), Some(off)) = (loan_rows.iter().find(|r| r.0 == LoanPolicy::Default).map(|r| r.1), base) {
-        println!("throughput with loaning / without: {:.2}", on / off);
+        out!("throughput with loaning / without: {:.2}", on / off);
     }
-    println!("MiB/s: pages reclaimed per second of the reclaiming thread's time (balloon: dropping inflated pages; paging: page-out)");
+    out!("MiB/s: pages reclaimed per second of the reclaiming thread's time (balloon: dropping inflated pages; paging: page-out)");
     Ok(())
 }
 

@@ -135,7 +135,7 @@ pub fn demo(a: DemoArgs) -> i32 {
         }
     };
     if a.print_config {
-        print!("{text}");
+        out!("{}", text.strip_suffix('\n').unwrap_or(&text));
         return 0;
     }
     let setup = match Config::from_text(&text, Path::new("amsvm demo"), Path::new(".")) {
@@ -200,7 +200,7 @@ pub fn demo(a: DemoArgs) -> i32 {
     if let Some(e) = watch_error.into_inner().unwrap() {
         eprintln!("amsvm: {e}");
     }
-    println!();
+    out!();
     print_summary(&reports);
     if reports.iter().all(success) {
         0

@@ -559,12 +559,12 @@ fn flood(dir: &Path, rounds: u32, progress: &dyn Fn(&str)) -> Row {
 }
 
 fn print_table(rows: &[Row]) {
-    println!(
+    out!(
         "{:<36} {:<7} {:>4} {:>8} {:>8} {:>14} {:>8} {:>6} {:>7}  reported",
         "fault", "backend", "runs", "injected", "survived", "pages verified", "failures", "paused", "resumed"
     );
     for r in rows {
-        println!(
+        out!(
             "{:<36} {:<7} {:>4} {:>8} {:>8} {:>14} {:>8} {:>6} {:>7}  {}",
             r.fault, r.backend, r.runs, r.injected, r.survived, r.verified, r.failures, r.paused, r.resumed, r.reported
         );
@@ -631,18 +631,18 @@ pub fn faults(a: FaultArgs) -> i32 {
     if want("flood") {
         rows.push(flood(&dir, if a.short { 2 } else { 10 }, &progress));
     }
-    println!();
+    out!();
     print_table(&rows);
     let bad: Vec<_> = rows.iter().filter(|r| !r.all_survived()).collect();
-    println!();
+    out!();
     if bad.is_empty() {
-        println!("every injected fault survived, 0 verification failures ({:.0} s, seed {seed})", t0.elapsed().as_secs_f64());
+        out!("every injected fault survived, 0 verification failures ({:.0} s, seed {seed})", t0.elapsed().as_secs_f64());
         0
     } else {
         for r in bad {
-            println!("NOT SURVIVED: {} ({}): {} of {} survived", r.fault, r.backend, r.survived, r.injected);
+            out!("NOT SURVIVED: {} ({}): {} of {} survived", r.fault, r.backend, r.survived, r.injected);
             for p in &r.problems {
-                println!("  {p}");
+                out!("  {p}");
             }
         }
         EXIT_GUEST_FAILED

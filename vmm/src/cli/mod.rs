@@ -1,6 +1,18 @@
 //! amsvm subcommands. Exit status: 0 success, 1 a guest failed (verification failure,
 //! crash), 2 bad input (command line, config, images) — with a one-line error.
 
+/// `println!` for amsvm's own output: a reader that went away (`amsvm run ... | head`)
+/// does not end amsvm with a panic; the rest of its output is dropped and the
+/// partitions run on to their end (and exit status).
+macro_rules! out {
+    () => {
+        $crate::cli::out_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::out_line(format_args!($($arg)*))
+    };
+}
+
 mod bench;
 mod bench_peers;
 mod bench_pool;
@@ -14,7 +26,27 @@ mod seccomp_check;
 mod stat;
 mod top;
 
+use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+/// Set once stdout could not be written: nothing more goes there.
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+
+/// One line on stdout (see [`out!`]). The first failure other than a closed pipe is
+/// reported on stderr.
+pub(crate) fn out_line(args: std::fmt::Arguments) {
+    if STDOUT_GONE.load(Relaxed) {
+        return;
+    }
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|()| o.write_all(b"\n")) {
+        STDOUT_GONE.store(true, Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("amsvm: stdout: {e}; its output is dropped from here on");
+        }
+    }
+}
 
 use clap::{Parser, Subcommand};
 

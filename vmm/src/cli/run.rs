@@ -256,14 +256,14 @@ pub fn success(r: &Report) -> bool {
 
 pub fn print_summary(reports: &[Report]) {
     use std::sync::atomic::Ordering::Relaxed;
-    println!(
+    out!(
         "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10}  outcome",
         "partition", "touched", "verified", "written", "failures", "disk-ok", "disk-bad", "exits", "rejected", "hpi", "hpit-ms",
         "page-outs", "peak-loan"
     );
     for r in reports {
         let m = &r.metrics;
-        println!(
+        out!(
             "{:<16} {:>12} {:>12} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9} {:>10} {:>10.1} {:>10} {:>10}  {}",
             r.name,
             m.pages_touched.load(Relaxed),

@@ -161,6 +161,11 @@ mod tests {
         assert_eq!(lines[2].find("state"), lines[3].find("running"));
         assert_eq!(lines[3].find("running"), lines[4].find("ended"));
 
+        // A thrashing partition under `policy = "protect"` says so.
+        reg.partitions[0].metrics.yielding.store(true, std::sync::atomic::Ordering::Relaxed);
+        let text = format_text(&reg.snapshot());
+        assert!(text.lines().nth(3).unwrap().ends_with("  running (thrashing: yields its CPU)"), "{text}");
+
         let s = Registry::new(None, vec![]).snapshot();
         assert_eq!(format_text(&s).lines().nth(1), Some("pool: none (each partition has its own RAM)"));
     }

@@ -105,6 +105,8 @@ impl RegisteredPartition {
             exits: m.exits.load(Relaxed),
             resets: m.resets.load(Relaxed),
             rejected: m.rejected(),
+            cpu_yields: m.cpu_yields.load(Relaxed),
+            yielding: m.yielding.load(Relaxed),
             balloon,
         }
     }
@@ -365,6 +367,12 @@ pub struct PartitionSnapshot {
     pub resets: u64,
     /// Guest input rejected (unclaimed I/O, bad hypercalls, what devices rejected).
     pub rejected: u64,
+    /// Pool `policy = "protect"`: times it started yielding its vCPUs' CPU because it
+    /// was thrashing, and whether it does now.
+    #[serde(default)]
+    pub cpu_yields: u64,
+    #[serde(default)]
+    pub yielding: bool,
     /// The virtio-balloon, for partitions in a pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonSnapshot>,
@@ -439,6 +447,7 @@ impl PartitionSnapshot {
         match (&self.state, &self.paused_reason, &self.outcome) {
             (PartitionState::Ended, _, Some(o)) => format!("ended: {o}"),
             (PartitionState::Paused, Some(r), _) => format!("paused: {r}"),
+            (PartitionState::Running, _, _) if self.yielding => "running (thrashing: yields its CPU)".to_string(),
             (s, _, _) => s.to_string(),
         }
     }

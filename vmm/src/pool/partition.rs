@@ -124,7 +124,6 @@ pub struct PartitionPool {
     /// Faults that found no lower rank to take from: since when, how many.
     thrash_window: Mutex<(u64, u32)>,
     /// Its vCPU threads run at the lowest priority (see `Pool::apply_cpu_yield`).
-    yielding: AtomicBool,
     /// Its place in the config (`ReclaimPolicy::Protect` ranks equal weights in this
     /// order before rotating); u32::MAX until set.
     order: AtomicU32,
@@ -222,7 +221,6 @@ impl PartitionPool {
             vcpu_tids: Mutex::new(Vec::new()),
             thrash_at: AtomicU64::new(0),
             thrash_window: Mutex::new((0, 0)),
-            yielding: AtomicBool::new(false),
             order: AtomicU32::new(u32::MAX),
         });
         pool.register(&pp);
@@ -245,7 +243,7 @@ impl PartitionPool {
     /// yield to other partitions (`policy = "protect"`).
     pub fn add_vcpu_thread(&self, tid: i32) {
         self.vcpu_tids.lock().unwrap_or_else(|e| e.into_inner()).push(tid);
-        if self.yielding.load(Relaxed) {
+        if self.metrics.yielding.load(Relaxed) {
             set_nice(tid, YIELD_NICE);
         }
     }
@@ -282,13 +280,13 @@ impl PartitionPool {
 
     /// Its vCPU threads run at the lowest priority now (see `yield_cpu`).
     pub fn is_yielding(&self) -> bool {
-        self.yielding.load(Relaxed)
+        self.metrics.yielding.load(Relaxed)
     }
 
     /// Run this partition's vCPU threads at the lowest priority (`on`) or at the
     /// normal one again.
     pub(super) fn yield_cpu(&self, on: bool) {
-        if self.yielding.swap(on, Relaxed) == on {
+        if self.metrics.yielding.swap(on, Relaxed) == on {
             return;
         }
         if on {
