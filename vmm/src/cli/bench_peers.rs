@@ -58,6 +58,11 @@ pub struct PeersArgs {
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: String,
+    /// The host's transparent huge pages for this run (`always`, `madvise` or `never`;
+    /// put back afterwards). QEMU asks for huge pages for its guest RAM (`madvise`),
+    /// which makes each access cheaper; amsvm's pool pages at 4 KiB. Default: as set.
+    #[arg(long, value_parser = ["always", "madvise", "never"])]
+    host_thp: Option<String>,
 }
 
 const MIB: u64 = 1 << 20;
@@ -445,7 +450,44 @@ pub fn bench_peers(a: PeersArgs) -> i32 {
     }
 }
 
+/// `/sys/kernel/mm/transparent_hugepage/enabled`.
+const THP_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
+
+/// The host's THP mode now: the bracketed word of `always [madvise] never`.
+fn host_thp() -> Result<String, String> {
+    let text = std::fs::read_to_string(THP_ENABLED).map_err(|e| format!("{THP_ENABLED}: {e}"))?;
+    thp_selected(&text).map(str::to_string).ok_or_else(|| format!("{THP_ENABLED}: cannot read {:?}", text.trim()))
+}
+
+fn thp_selected(text: &str) -> Option<&str> {
+    text.split_whitespace().find_map(|w| w.strip_prefix('[').and_then(|w| w.strip_suffix(']')))
+}
+
+/// A THP mode set for the run; the one before is put back on drop.
+struct ThpMode(Option<String>);
+
+impl ThpMode {
+    fn set(mode: Option<&str>) -> Result<ThpMode, String> {
+        let Some(mode) = mode else { return Ok(ThpMode(None)) };
+        let before = host_thp()?;
+        std::fs::write(THP_ENABLED, mode).map_err(|e| format!("{THP_ENABLED}: setting {mode}: {e} (needs root)"))?;
+        Ok(ThpMode(Some(before)))
+    }
+}
+
+impl Drop for ThpMode {
+    fn drop(&mut self) {
+        if let Some(before) = &self.0 {
+            if let Err(e) = std::fs::write(THP_ENABLED, before) {
+                eprintln!("amsvm: bench peers: {THP_ENABLED}: putting back {before}: {e}");
+            }
+        }
+    }
+}
+
 fn bench(a: &PeersArgs) -> Result<(), String> {
+    let _thp = ThpMode::set(a.host_thp.as_deref())?;
+    let thp = host_thp()?;
     let elf = a.dir.join("workload.elf");
     std::fs::write(&elf, crate::images::workload_elf()).map_err(|e| format!("{}: {e}", elf.display()))?;
     let total = a.partitions as u64 * a.logical_mib;
@@ -497,7 +539,7 @@ fn bench(a: &PeersArgs) -> Result<(), String> {
     out!();
     out!("amsvm bench peers — {}", chrono_like_date());
     out!(
-        "{} partitions x {} MiB, working set {} MiB (hot spot 15% / 85% of accesses, moving) + {} MiB idle each, 30% writes, {} s",
+        "{} partitions x {} MiB, working set {} MiB (hot spot 15% / 85% of accesses, moving) + {} MiB idle each, 30% writes, {} s; host THP {thp}",
         a.partitions, a.logical_mib, a.ws_mib, a.idle_mib, a.seconds
     );
     out!(
@@ -545,4 +587,17 @@ fn bench(a: &PeersArgs) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thp_selected;
+
+    #[test]
+    fn the_host_thp_mode_is_the_bracketed_word() {
+        assert_eq!(thp_selected("always [madvise] never\n"), Some("madvise"));
+        assert_eq!(thp_selected("[always] madvise never"), Some("always"));
+        assert_eq!(thp_selected("always madvise [never]"), Some("never"));
+        assert_eq!(thp_selected("always madvise never"), None);
+    }
 }
