@@ -65,6 +65,10 @@ pub struct PartitionMetrics {
     pub cpu_yields: AtomicU64,
     /// Pool: its vCPU threads run at the lowest priority now (it is thrashing).
     pub yielding: AtomicBool,
+    /// Pool (`huge_pages`): 2 MiB ranges of its memory collapsed into huge pages.
+    pub huge_collapses: AtomicU64,
+    /// Pool (`huge_pages`): first touches served with a whole 2 MiB huge page.
+    pub huge_fills: AtomicU64,
     /// Pool: the partition is paused because of this error (empty: running).
     pub paused: Mutex<Option<String>>,
     /// The workload's access-time histogram (TSC cycles, `amsvm_abi::latency_bucket`),

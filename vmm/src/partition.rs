@@ -297,8 +297,11 @@ impl Partition {
                 Some(Attached(pp))
             }
         };
-        let vm = Arc::new(crate::kvm::vm::create(kvm, &mem, pool.is_some())?);
-        if let Some(att) = &pool {
+        // The pool's clock reads write references from KVM's dirty log, which maps guest
+        // memory at 4 KiB only: not with huge pages (see `pool::huge`).
+        let dirty_log = pool.as_ref().is_some_and(|a| !a.0.huge_pages());
+        let vm = Arc::new(crate::kvm::vm::create(kvm, &mem, dirty_log)?);
+        if let Some(att) = pool.as_ref().filter(|_| dirty_log) {
             // The pool's clock learns which resident pages the guest wrote from KVM's
             // dirty log (see `PartitionPool::set_reference_source`).
             let (vm, len) = (vm.clone(), spec.mem_bytes as usize);

@@ -119,6 +119,18 @@ pub fn exposition(s: &Snapshot) -> String {
         "Times it started yielding its vCPUs' CPU because it was thrashing (pool policy protect).",
         per(&|p| p.cpu_yields as f64),
     );
+    w.family(
+        "amsvm_partition_huge_collapses_total",
+        "counter",
+        "2 MiB ranges of resident memory collapsed into huge pages (pool huge_pages).",
+        per(&|p| p.huge_collapses as f64),
+    );
+    w.family(
+        "amsvm_partition_huge_fills_total",
+        "counter",
+        "First touches served with a whole 2 MiB huge page (pool huge_pages).",
+        per(&|p| p.huge_fills as f64),
+    );
     w.family("amsvm_partition_yielding", "gauge", "1 while its vCPUs yield their CPU (thrashing).", per(&|p| f64::from(u8::from(p.yielding))));
     let balloons: Vec<_> = parts.iter().filter_map(|p| p.balloon.as_ref().map(|b| (p.name.clone(), b))).collect();
     let per_balloon = |f: &dyn Fn(&crate::control::BalloonSnapshot) -> u64| {

@@ -67,6 +67,7 @@ fn pool_spec(dir: &Path, size_mib: u64, raw: bool) -> PoolSpec {
         raw_uffd: raw,
         policy: crate::config::ReclaimPolicy::Share,
         rotate: std::time::Duration::from_secs(crate::config::DEFAULT_ROTATE_S),
+        huge_pages: true,
     }
 }
 

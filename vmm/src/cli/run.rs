@@ -64,6 +64,7 @@ pub fn run_specs_observed(
             let pool = if ps.raw_uffd { Pool::new_raw() } else { Pool::new(ps.size_bytes) }
                 .map_err(|e| crate::Error::Other(format!("pool: {e}")))?;
             pool.set_policy(ps.policy, ps.rotate);
+            pool.set_huge_pages(ps.huge_pages);
             // The paging server boots before the partitions that page to it.
             let server = match ps.backend {
                 crate::config::PagingBackend::Local => None,

@@ -107,6 +107,8 @@ impl RegisteredPartition {
             rejected: m.rejected(),
             cpu_yields: m.cpu_yields.load(Relaxed),
             yielding: m.yielding.load(Relaxed),
+            huge_collapses: m.huge_collapses.load(Relaxed),
+            huge_fills: m.huge_fills.load(Relaxed),
             balloon,
         }
     }
@@ -373,6 +375,12 @@ pub struct PartitionSnapshot {
     pub cpu_yields: u64,
     #[serde(default)]
     pub yielding: bool,
+    /// Pool `huge_pages`: 2 MiB ranges collapsed into huge pages.
+    #[serde(default)]
+    pub huge_collapses: u64,
+    /// Pool `huge_pages`: first touches served with a whole 2 MiB huge page.
+    #[serde(default)]
+    pub huge_fills: u64,
     /// The virtio-balloon, for partitions in a pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonSnapshot>,

@@ -25,6 +25,7 @@
 //! userfaultfd ioctls and the staging area, so VMM accesses to guest memory (virtio
 //! device emulation) fault and are served like vCPU accesses.
 
+mod huge;
 mod loan;
 mod pages;
 mod partition;
@@ -32,7 +33,7 @@ mod uffd;
 
 pub use partition::{Attached, PartitionPool, PauseSink, PoolError};
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -159,6 +160,8 @@ pub struct Pool {
     /// Measurement mode (`amsvm bench pool`): faults are served with a zero page at once,
     /// with no budget, table or pager — the bare userfaultfd round trip.
     raw: bool,
+    /// `[pool] huge_pages`: wholly resident 2 MiB ranges become huge pages (see `huge`).
+    huge_pages: AtomicBool,
 }
 
 impl Pool {
@@ -196,6 +199,7 @@ impl Pool {
             hash_seed,
             started: Instant::now(),
             raw,
+            huge_pages: AtomicBool::new(false),
         });
         if !raw {
             let weak = Arc::downgrade(&pool);
@@ -206,6 +210,14 @@ impl Pool {
                     loan::run(weak)
                 })
                 .map_err(|e| PoolError::Os("spawning the loaning policy", e))?;
+            let weak = Arc::downgrade(&pool);
+            std::thread::Builder::new()
+                .name("pool-huge".into())
+                .spawn(move || {
+                    crate::seccomp::apply(crate::seccomp::Kind::Pager);
+                    huge::run(weak)
+                })
+                .map_err(|e| PoolError::Os("spawning the huge-page collapser", e))?;
         }
         Ok(pool)
     }
@@ -215,6 +227,16 @@ impl Pool {
     }
 
     /// Choose whom the pool pages when it is full (see [`ReclaimPolicy`]).
+    /// Back wholly resident 2 MiB ranges of partitions attached from now on with huge
+    /// pages (see `huge`). Off until set.
+    pub fn set_huge_pages(&self, on: bool) {
+        self.huge_pages.store(on, Relaxed);
+    }
+
+    pub fn huge_pages(&self) -> bool {
+        self.huge_pages.load(Relaxed)
+    }
+
     pub fn set_policy(&self, policy: ReclaimPolicy, rotate: Duration) {
         let mut s = self.lock();
         s.policy = policy;
@@ -300,6 +322,19 @@ impl Pool {
         self.metrics.resident.store(s.resident, Relaxed);
         self.metrics.peak_resident.fetch_max(s.resident, Relaxed);
         k
+    }
+
+    /// Take exactly `n` frames if that leaves at least `keep_free` free (a whole first
+    /// touch, see `huge`); nothing otherwise.
+    fn try_acquire_exact(&self, n: u64, keep_free: u64) -> bool {
+        let mut s = self.lock();
+        if self.capacity.saturating_sub(s.resident) < n.saturating_add(keep_free) {
+            return false;
+        }
+        s.resident += n;
+        self.metrics.resident.store(s.resident, Relaxed);
+        self.metrics.peak_resident.fetch_max(s.resident, Relaxed);
+        true
     }
 
     /// `ReclaimPolicy::Protect`: a partition that is thrashing (it pages itself to run)

@@ -91,22 +91,22 @@ pub type PauseSink = Box<dyn Fn(String) + Send + Sync>;
 
 /// A partition attached to the pool.
 pub struct PartitionPool {
-    pool: Arc<Pool>,
+    pub(super) pool: Arc<Pool>,
     pub name: String,
     /// Host address of guest-physical 0 and the number of guest pages.
-    base: u64,
+    pub(super) base: u64,
     pub(super) npages: usize,
-    uffd: Uffd,
+    pub(super) uffd: Uffd,
     table: Mutex<PageTable>,
     /// Signalled whenever a page leaves `Transit`.
-    settled: Condvar,
+    pub(super) settled: Condvar,
     pager: Arc<dyn Pager>,
     pub(super) min_pages: u64,
     metrics: Arc<PartitionMetrics>,
     /// Held for reading by every page-out of this partition; detaching takes it for
     /// writing, so memory is never unmapped under a page-out.
-    alive: RwLock<bool>,
-    paused: AtomicBool,
+    pub(super) alive: RwLock<bool>,
+    pub(super) paused: AtomicBool,
     on_pause: PauseSink,
     stop: EventFd,
     handler: Mutex<Option<JoinHandle<()>>>,
@@ -119,6 +119,10 @@ pub struct PartitionPool {
     loan_track: Mutex<LoanTrack>,
     /// Thread ids of the partition's vCPU threads (for `yield_cpu`).
     vcpu_tids: Mutex<Vec<i32>>,
+    /// Per 2 MiB range of guest memory, what is known of it (`huge.rs`).
+    pub(super) huge: Mutex<Vec<u8>>,
+    /// Where whole first touches are made (with `huge_pages`, guest memory aligned).
+    pub(super) huge_area: Option<super::huge::HugeArea>,
     /// When (the pool's `now_ms`) this partition was last found thrashing; 0: never.
     thrash_at: AtomicU64,
     /// Faults that found no lower rank to take from: since when, how many.
@@ -189,9 +193,14 @@ impl PartitionPool {
         if !base.is_multiple_of(4096) || !len.is_multiple_of(4096) {
             return Err(PoolError::Unaligned(base, len));
         }
-        // SAFETY: advice on guest memory, which the caller owns; it only keeps the range
-        // at 4 KiB granularity (no transparent huge pages), as the pool pages it.
-        unsafe { libc::madvise(base as *mut _, len as usize, libc::MADV_NOHUGEPAGE) };
+        // SAFETY: advice on guest memory, which the caller owns.
+        // - Without huge pages it keeps the range at 4 KiB granularity (not even
+        //   khugepaged collapses it).
+        // - With them, it makes a missing fault on a range without page tables reach
+        //   userfaultfd with none allocated (the kernel takes its huge-page path), so a
+        //   whole first touch can move a huge page in (`huge.rs`). The pool's own 4 KiB
+        //   installs are unchanged; khugepaged may collapse wholly resident ranges too.
+        unsafe { libc::madvise(base as *mut _, len as usize, if pool.huge_pages() { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE }) };
         let uffd = uffd::create(true).map_err(|e| PoolError::Uffd(e.to_string()))?;
         uffd.register_with_mode(base as *mut _, len as usize, RegisterMode::MISSING)
             .map_err(|e| PoolError::Uffd(format!("registering guest memory: {e}")))?;
@@ -219,6 +228,12 @@ impl PartitionPool {
             balloon: Mutex::new(None),
             loan_track: Mutex::new(LoanTrack::default()),
             vcpu_tids: Mutex::new(Vec::new()),
+            huge: Mutex::new(vec![0; npages / super::huge::PAGES]),
+            huge_area: if pool.huge_pages() && base.is_multiple_of((super::huge::PAGES * 4096) as u64) {
+                super::huge::HugeArea::new()
+            } else {
+                None
+            },
             thrash_at: AtomicU64::new(0),
             thrash_window: Mutex::new((0, 0)),
             order: AtomicU32::new(u32::MAX),
@@ -276,6 +291,11 @@ impl PartitionPool {
 
     pub(super) fn order(&self) -> u32 {
         self.order.load(Relaxed)
+    }
+
+    /// Its pool backs resident 2 MiB ranges with huge pages (`[pool] huge_pages`).
+    pub fn huge_pages(&self) -> bool {
+        self.pool.huge_pages()
     }
 
     /// Its vCPU threads run at the lowest priority now (see `yield_cpu`).
@@ -391,7 +411,7 @@ impl PartitionPool {
         self.table().evictable_above(self.min_pages)
     }
 
-    fn addr(&self, i: usize) -> u64 {
+    pub(super) fn addr(&self, i: usize) -> u64 {
         self.base + i as u64 * 4096
     }
 
@@ -467,6 +487,9 @@ impl PartitionPool {
         if self.pool.raw {
             // SAFETY: a missing page of registered guest memory; ZERO holds a page.
             let _ = unsafe { self.uffd.copy(ZERO.as_ptr().cast(), page_addr as *mut _, 4096, true) };
+            return;
+        }
+        if self.try_huge_fill(i) {
             return;
         }
         // Claim the page, or find it already served; with it, the pages after it that
@@ -656,6 +679,15 @@ impl PartitionPool {
                 }
             }
             k = end;
+        }
+        if !moved.is_empty() && self.huge_area.is_some() {
+            // Their 2 MiB ranges are no longer huge pages (the move split them).
+            let mut track = self.huge.lock().unwrap_or_else(|e| e.into_inner());
+            for &(v, _) in &moved {
+                if let Some(flags) = track.get_mut(v / super::huge::PAGES) {
+                    *flags &= super::huge::TOUCHED;
+                }
+            }
         }
         (moved, back)
     }

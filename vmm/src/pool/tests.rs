@@ -491,3 +491,86 @@ fn protect_keeps_whole_the_working_sets_that_fit_and_the_last_one_yields() {
     assert_eq!((a.metrics.hpi.load(Relaxed), b.metrics.hpi.load(Relaxed)), hpi, "the last one paged itself only");
     assert!(pool.metrics.peak_resident.load(Relaxed) <= 96);
 }
+
+/// AnonHugePages (kB) of the mapping that holds `addr`, from /proc/self/smaps.
+fn anon_huge_kb(addr: u64) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ').filter(|(r, _)| r.contains('-') && !r.ends_with(':')) {
+            let (lo, hi) = range.split_once('-').unwrap();
+            let (lo, hi) = (u64::from_str_radix(lo, 16).unwrap_or(0), u64::from_str_radix(hi, 16).unwrap_or(0));
+            inside = (lo..hi).contains(&addr);
+        } else if inside {
+            if let Some(v) = line.strip_prefix("AnonHugePages:") {
+                return v.trim().trim_end_matches("kB").trim().parse().unwrap();
+            }
+        }
+    }
+    0
+}
+
+#[test]
+fn huge_pages_come_in_whole_page_out_page_by_page_and_collapse_again() {
+    // The host may not do transparent huge pages at all; then only the contents and the
+    // accounting are checked.
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").is_ok_and(|s| !s.contains("[never]"));
+    if !thp {
+        eprintln!("transparent huge pages are off on this host: checking contents and accounting only");
+    }
+    let pool = Pool::new(16 << 20).unwrap();
+    pool.set_huge_pages(true);
+    let a = part(&pool, "a", 2048, 0, 0, MemPager::default());
+    // The kernel puts anonymous mappings of whole 2 MiB on a 2 MiB boundary (when it
+    // does huge pages at all).
+    let thp = thp && a.region.addr().is_multiple_of(2 << 20);
+    // A first touch brings its whole 2 MiB range in at once, as zeros.
+    a.region.write(3, 1, 1);
+    assert!(a.region.check(3, 1, 1) && (0..512).filter(|&i| i != 3).all(|i| a.region.check(i, 1, 0)));
+    if thp {
+        assert_eq!(a.metrics.huge_fills.load(Relaxed), 1);
+        assert_eq!(a.pp.0.resident(), 512, "the whole range is resident and counted");
+        assert_eq!(pool.metrics.resident.load(Relaxed), 512);
+        assert_eq!(anon_huge_kb(a.region.addr()), 2048, "it is one huge page");
+    }
+    for i in 0..2048 {
+        a.region.write(i, 1, 1);
+    }
+    if thp {
+        // 4 ranges of 512 pages in a pool of 4096 frames: each leaves more than the low
+        // watermark (1/8) free, so each comes in whole.
+        assert_eq!(a.metrics.huge_fills.load(Relaxed), 4);
+    }
+    assert_eq!(a.metrics.zero_fills.load(Relaxed), 2048);
+    // A partition of a higher weight needs the pool: a's pages are paged out page by
+    // page, which splits its huge pages.
+    let b = part(&pool, "b", 4096, 0, 255, MemPager::default());
+    for i in 0..4096 {
+        b.region.write(i, 2, 1);
+    }
+    assert!(a.metrics.page_outs.load(Relaxed) > 0, "a was paged");
+    assert!(pool.metrics.peak_resident.load(Relaxed) <= 4096, "the budget held");
+    for i in 0..4096 {
+        assert!(b.region.check(i, 2, 1), "b's page {i}");
+    }
+    assert_eq!(pool.metrics.resident.load(Relaxed), a.pp.0.resident() + b.pp.0.resident());
+    drop(b);
+    // a's pages come back intact, page by page.
+    for i in 0..2048 {
+        assert!(a.region.check(i, 1, 1), "a's page {i}");
+    }
+    assert_eq!(a.pp.0.resident(), 2048);
+    // Once a range is wholly resident again, two looks of the collapser make it a huge
+    // page again (the pool's own collapser thread may be first).
+    super::huge::round(&pool);
+    super::huge::round(&pool);
+    if thp {
+        assert!(a.metrics.huge_collapses.load(Relaxed) > 0, "a's ranges were collapsed again");
+        assert!(anon_huge_kb(a.region.addr()) >= 2048, "{} kB", anon_huge_kb(a.region.addr()));
+    }
+    for i in 0..2048 {
+        assert!(a.region.check(i, 1, 1), "a's page {i} after the collapse");
+    }
+    assert!(pool.metrics.peak_resident.load(Relaxed) <= 4096, "the budget held");
+    assert_eq!(pool.metrics.resident.load(Relaxed), a.pp.0.resident());
+}
