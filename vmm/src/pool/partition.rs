@@ -156,7 +156,8 @@ fn is_mapped(addr: u64) -> bool {
 fn set_nice(tid: i32, nice: i32) {
     // SAFETY: setpriority on one thread id; no memory is passed.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
-    if rc != 0 {
+    // ESRCH: the thread has ended (its partition is stopping); nothing to do.
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH) {
         static WARNED: AtomicBool = AtomicBool::new(false);
         if !WARNED.swap(true, Relaxed) {
             tracing::warn!("cannot set the priority of vCPU thread {tid} to {nice}: {}", std::io::Error::last_os_error());
