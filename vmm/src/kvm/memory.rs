@@ -15,12 +15,8 @@ pub fn create(bytes: u64) -> Result<GuestMemory> {
         )));
     }
     // from_ranges maps anonymous memory with MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE.
-    let m = GuestMemory::from_ranges(&[(GuestAddress(0), bytes as usize)])
-        .map_err(|source| Error::GuestMemory { mib: bytes >> 20, source })?;
-    if std::env::var_os("AMSVM_THP_EXPERIMENT").is_some() {
-        for (a, l) in host_ranges(&m) { unsafe { libc::madvise(a as *mut _, l as usize, libc::MADV_HUGEPAGE) }; }
-    }
-    Ok(m)
+    GuestMemory::from_ranges(&[(GuestAddress(0), bytes as usize)])
+        .map_err(|source| Error::GuestMemory { mib: bytes >> 20, source })
 }
 
 /// Host virtual address ranges of guest RAM: `(host address, length)` per region.
