@@ -61,22 +61,9 @@ pub(super) struct HugeArea(u64);
 impl HugeArea {
     pub(super) fn new() -> Option<HugeArea> {
         let len = 2 * PAGES * 4096;
-        // SAFETY: a fresh anonymous private mapping, owned by the HugeArea (the aligned
-        // half is kept, the rest unmapped below).
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return None;
-        }
-        let raw = raw as u64;
+        // Twice the size: the aligned 2 MiB inside it are kept (owned by the HugeArea),
+        // the rest unmapped below.
+        let raw = super::map_anonymous(len).ok()? as u64;
         let huge = (PAGES * 4096) as u64;
         let start = raw.next_multiple_of(huge);
         // SAFETY: both pieces lie inside the mapping made above and outside the kept

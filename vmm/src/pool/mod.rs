@@ -89,23 +89,32 @@ unsafe impl Send for Staging {}
 // SAFETY: as above.
 unsafe impl Sync for Staging {}
 
+/// A fresh anonymous private read-write mapping of `len` bytes (no swap reserved);
+/// the caller owns it and unmaps it.
+fn map_anonymous(len: usize) -> std::io::Result<*mut libc::c_void> {
+    // SAFETY: a new mapping at an address the kernel chooses; nothing else is touched.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(p)
+    }
+}
+
 impl Staging {
     fn new() -> Result<Staging, PoolError> {
         let len = STAGING_PAGES * 4096;
-        // SAFETY: a fresh anonymous private mapping, owned by the Staging until drop.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(PoolError::Os("mmap of the staging area", std::io::Error::last_os_error()));
-        }
+        // Owned by the Staging until drop.
+        let base = map_anonymous(len).map_err(|e| PoolError::Os("mmap of the staging area", e))?;
         // SAFETY: advice on the mapping made above.
         unsafe { libc::madvise(base, len, libc::MADV_NOHUGEPAGE) };
         let uffd = uffd::create(false).map_err(|e| PoolError::Uffd(format!("staging userfaultfd: {e}")))?;
@@ -202,22 +211,20 @@ impl Pool {
             huge_pages: AtomicBool::new(false),
         });
         if !raw {
-            let weak = Arc::downgrade(&pool);
-            std::thread::Builder::new()
-                .name("pool-loans".into())
-                .spawn(move || {
-                    crate::seccomp::apply(crate::seccomp::Kind::Pager);
-                    loan::run(weak)
-                })
-                .map_err(|e| PoolError::Os("spawning the loaning policy", e))?;
-            let weak = Arc::downgrade(&pool);
-            std::thread::Builder::new()
-                .name("pool-huge".into())
-                .spawn(move || {
-                    crate::seccomp::apply(crate::seccomp::Kind::Pager);
-                    huge::run(weak)
-                })
-                .map_err(|e| PoolError::Os("spawning the huge-page collapser", e))?;
+            // The pool's own threads, each ending when the pool is dropped.
+            let spawn = |name: &str, what: &'static str, run: fn(Weak<Pool>)| {
+                let weak = Arc::downgrade(&pool);
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || {
+                        crate::seccomp::apply(crate::seccomp::Kind::Pager);
+                        run(weak)
+                    })
+                    .map(drop)
+                    .map_err(|e| PoolError::Os(what, e))
+            };
+            spawn("pool-loans", "spawning the loaning policy", loan::run)?;
+            spawn("pool-huge", "spawning the huge-page collapser", huge::run)?;
         }
         Ok(pool)
     }
@@ -226,7 +233,6 @@ impl Pool {
         self.capacity
     }
 
-    /// Choose whom the pool pages when it is full (see [`ReclaimPolicy`]).
     /// Back wholly resident 2 MiB ranges of partitions attached from now on with huge
     /// pages (see `huge`). Off until set.
     pub fn set_huge_pages(&self, on: bool) {
@@ -237,6 +243,7 @@ impl Pool {
         self.huge_pages.load(Relaxed)
     }
 
+    /// Choose whom the pool pages when it is full (see [`ReclaimPolicy`]).
     pub fn set_policy(&self, policy: ReclaimPolicy, rotate: Duration) {
         let mut s = self.lock();
         s.policy = policy;

@@ -127,7 +127,6 @@ pub struct PartitionPool {
     thrash_at: AtomicU64,
     /// Faults that found no lower rank to take from: since when, how many.
     thrash_window: Mutex<(u64, u32)>,
-    /// Its vCPU threads run at the lowest priority (see `Pool::apply_cpu_yield`).
     /// Its place in the config (`ReclaimPolicy::Protect` ranks equal weights in this
     /// order before rotating); u32::MAX until set.
     order: AtomicU32,
@@ -156,11 +155,12 @@ fn is_mapped(addr: u64) -> bool {
 fn set_nice(tid: i32, nice: i32) {
     // SAFETY: setpriority on one thread id; no memory is passed.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    let err = std::io::Error::last_os_error();
     // ESRCH: the thread has ended (its partition is stopping); nothing to do.
-    if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH) {
+    if rc != 0 && err.raw_os_error() != Some(libc::ESRCH) {
         static WARNED: AtomicBool = AtomicBool::new(false);
         if !WARNED.swap(true, Relaxed) {
-            tracing::warn!("cannot set the priority of vCPU thread {tid} to {nice}: {}", std::io::Error::last_os_error());
+            tracing::warn!("cannot set the priority of vCPU thread {tid} to {nice}: {err}");
         }
     }
 }
