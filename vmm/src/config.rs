@@ -51,6 +51,12 @@ pub struct Config {
     /// Directory for per-partition console logs.
     #[serde(default)]
     pub log_dir: Option<PathBuf>,
+    /// Back guest memory with transparent huge pages where the host has them (default
+    /// true): a guest access backed by a 2 MiB page costs KVM less. Memory a guest never
+    /// touched still costs nothing, counted in 2 MiB ranges. In a pool: whole first
+    /// touches and wholly resident ranges become huge pages, paging stays page by page.
+    #[serde(default = "yes")]
+    pub huge_pages: bool,
     /// The shared memory pool. Without it every partition has private RAM.
     #[serde(default)]
     pub pool: Option<PoolConfig>,
@@ -78,10 +84,6 @@ pub struct PoolConfig {
     /// (default [`DEFAULT_ROTATE_S`]).
     #[serde(default)]
     pub rotate_s: Option<u64>,
-    /// Back wholly resident 2 MiB ranges of guest memory with huge pages (default
-    /// true): guest accesses cost less; paging still works page by page.
-    #[serde(default = "yes")]
-    pub huge_pages: bool,
 }
 
 fn yes() -> bool {
@@ -137,8 +139,8 @@ pub struct PoolSpec {
     pub policy: ReclaimPolicy,
     /// How long each protection order lasts (`policy = "protect"`).
     pub rotate: std::time::Duration,
-    /// `[pool] huge_pages`: collapse wholly resident 2 MiB ranges into huge pages (and
-    /// no KVM dirty logging, which would keep KVM's mappings at 4 KiB).
+    /// `huge_pages`: collapse wholly resident 2 MiB ranges into huge pages (and no KVM
+    /// dirty logging, which would keep KVM's mappings at 4 KiB).
     pub huge_pages: bool,
 }
 
@@ -382,6 +384,9 @@ pub struct PartitionSpec {
     pub disks: Vec<DiskConfig>,
     pub console_stdout: bool,
     pub log_path: Option<PathBuf>,
+    /// `huge_pages`: ask the host for transparent huge pages for this partition's RAM
+    /// (`MADV_HUGEPAGE`; otherwise `MADV_NOHUGEPAGE`, 4 KiB pages only).
+    pub huge_pages: bool,
 }
 
 /// Host RAM in bytes (MemTotal), the upper bound for any one partition.
@@ -480,7 +485,7 @@ impl Config {
             raw_uffd: false,
             policy: pool.policy,
             rotate: std::time::Duration::from_secs(rotate_s),
-            huge_pages: pool.huge_pages,
+            huge_pages: self.huge_pages,
         }))
     }
 
@@ -587,6 +592,7 @@ impl Config {
                 disks,
                 console_stdout: p.console_stdout,
                 log_path: log_dir.as_ref().map(|d| d.join(format!("{}.log", p.name))),
+                huge_pages: self.huge_pages,
             });
         }
         Ok(specs)
@@ -789,9 +795,21 @@ passes = 2
         assert!(e.contains("rotate_s only applies with policy = \"protect\""), "{e}");
         let e = with("policy = \"protect\"\nrotate_s = 0").unwrap_err().0;
         assert!(e.contains("rotate_s = 0: must be between 1 and 86400"), "{e}");
-        assert!(with("").unwrap().pool.unwrap().huge_pages, "huge pages are on by default");
-        assert!(!with("huge_pages = false").unwrap().pool.unwrap().huge_pages);
+    }
+
+    #[test]
+    fn huge_pages_are_on_by_default_for_the_pool_and_every_partition() {
+        let with = |top: &str| parse_setup(&format!("{top}\n[pool]\nsize_mib = 64\n{GOOD}"));
+        let s = with("").unwrap();
+        assert!(s.pool.unwrap().huge_pages && s.specs.iter().all(|p| p.huge_pages), "on by default");
+        let s = with("huge_pages = false").unwrap();
+        assert!(!s.pool.unwrap().huge_pages && s.specs.iter().all(|p| !p.huge_pages));
+        let s = parse_setup(&format!("huge_pages = false\n{GOOD}")).unwrap();
+        assert!(s.pool.is_none() && s.specs.iter().all(|p| !p.huge_pages), "partitions without a pool follow it too");
         let e = with("huge_pages = \"yes\"").unwrap_err().0;
-        assert!(e.contains("p.toml:3") && e.contains("expected a boolean"), "{e}");
+        assert!(e.contains("p.toml:1") && e.contains("expected a boolean"), "{e}");
+        // It is a setting of all guest memory, not of the pool.
+        let e = parse_setup(&format!("[pool]\nsize_mib = 64\nhuge_pages = true\n{GOOD}")).unwrap_err().0;
+        assert!(e.contains("p.toml:3") && e.contains("huge_pages"), "{e}");
     }
 }

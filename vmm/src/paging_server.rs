@@ -104,6 +104,8 @@ pub(crate) fn server_spec(channel: &Arc<Channel>, devices: &[PathBuf], log_path:
         disks: devices.iter().map(|p| DiskConfig { path: p.clone(), read_only: false, create_mib: None }).collect(),
         console_stdout: false,
         log_path,
+        // It touches little of its RAM, scattered: 4 KiB pages keep its footprint exact.
+        huge_pages: false,
     }
 }
 

@@ -157,6 +157,7 @@ impl Fixture {
                 disks: Vec::new(),
                 console_stdout: false,
                 log_path: Some(dir.path().join(format!("logs/{}.log", NAMES[i]))),
+                huge_pages: true,
             })
             .collect();
         let kvm = Kvm::new().expect("/dev/kvm is needed: these tests boot the paging-server image");

@@ -261,7 +261,7 @@ impl Partition {
 
         // Memory (drawn from the pool when there is one: attached before anything
         // touches it) and the VM.
-        let mem = crate::kvm::memory::create(spec.mem_bytes)?;
+        let mem = crate::kvm::memory::create(spec.mem_bytes, spec.huge_pages)?;
         let home = home_cpu(spec);
         let pool = match pool {
             None => None,

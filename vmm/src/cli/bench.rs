@@ -108,6 +108,7 @@ pub(super) fn workload_spec(id: u32, name: String, mem_bytes: u64, w: WorkloadPa
         disks: vec![],
         console_stdout: false,
         log_path: None,
+        huge_pages: true,
     }
 }
 

@@ -33,6 +33,10 @@ pub struct BootArgs {
     /// Console log file (the console always goes to stdout too).
     #[arg(long)]
     log: Option<PathBuf>,
+    /// Back guest RAM with 4 KiB pages only (by default it asks the host for transparent
+    /// huge pages, as the config's `huge_pages = true` does).
+    #[arg(long)]
+    no_huge_pages: bool,
 }
 
 pub fn boot(a: BootArgs) -> i32 {
@@ -55,13 +59,14 @@ pub fn boot(a: BootArgs) -> i32 {
         mem_bytes,
         min_bytes: 0,
         weight: crate::config::DEFAULT_WEIGHT,
-            paging_file: None,
-            loan_policy: crate::config::LoanPolicy::Default,
+        paging_file: None,
+        loan_policy: crate::config::LoanPolicy::Default,
         vcpus: a.vcpus,
         boot: BootConfig::Linux { kernel: a.kernel, initrd: a.initrd, cmdline: a.cmdline },
         disks: a.disk.into_iter().map(|path| DiskConfig { path, read_only: false, create_mib: None }).collect(),
         console_stdout: true,
         log_path: a.log,
+        huge_pages: !a.no_huge_pages,
     };
     match run_specs(std::slice::from_ref(&spec), None, super::run::Control::Default, epoch) {
         Err(e) => {

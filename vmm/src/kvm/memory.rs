@@ -6,8 +6,10 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::{Error, GuestMemory, Result};
 
 /// Create guest RAM of `bytes` bytes at guest-physical 0 (one region; partitions are
-/// limited to `amsvm_abi::layout::MAX_RAM`, below the device window).
-pub fn create(bytes: u64) -> Result<GuestMemory> {
+/// limited to `amsvm_abi::layout::MAX_RAM`, below the device window). `huge_pages`: ask
+/// the host for transparent huge pages (`MADV_HUGEPAGE`), else for none
+/// (`MADV_NOHUGEPAGE`, whatever the host's default), so that memory is counted exactly.
+pub fn create(bytes: u64, huge_pages: bool) -> Result<GuestMemory> {
     if bytes == 0 || bytes > amsvm_abi::layout::MAX_RAM || !bytes.is_multiple_of(4096) {
         return Err(Error::Other(format!(
             "guest memory of {bytes} bytes is not a non-zero multiple of 4 KiB below {} MiB",
@@ -15,8 +17,16 @@ pub fn create(bytes: u64) -> Result<GuestMemory> {
         )));
     }
     // from_ranges maps anonymous memory with MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE.
-    GuestMemory::from_ranges(&[(GuestAddress(0), bytes as usize)])
-        .map_err(|source| Error::GuestMemory { mib: bytes >> 20, source })
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), bytes as usize)])
+        .map_err(|source| Error::GuestMemory { mib: bytes >> 20, source })?;
+    let advice = if huge_pages { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
+    for (addr, len) in host_ranges(&mem) {
+        // SAFETY: advice on a mapping `mem` owns; it changes how the kernel backs it, not
+        // its contents. A kernel without transparent huge pages refuses (EINVAL): the
+        // memory then simply has 4 KiB pages.
+        unsafe { libc::madvise(addr as *mut _, len as usize, advice) };
+    }
+    Ok(mem)
 }
 
 /// Host virtual address ranges of guest RAM: `(host address, length)` per region.
@@ -49,22 +59,59 @@ mod tests {
     use super::*;
     use vm_memory::Bytes;
 
-    #[test]
-    fn untouched_memory_costs_nothing_and_bad_sizes_fail() {
-        let mem = create(64 << 20).unwrap();
-        mem.write_obj(0xabcdu32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xabcd);
-        let (addr, len) = host_ranges(&mem)[0];
-        // mincore: only the page we wrote is resident.
-        let pages = (len / 4096) as usize;
-        let mut vec = vec![0u8; pages];
+    /// Resident pages of each 2 MiB range of `mem`'s region (mincore).
+    fn resident_per_range(mem: &GuestMemory) -> Vec<usize> {
+        let (addr, len) = host_ranges(mem)[0];
+        let mut vec = vec![0u8; (len / 4096) as usize];
         // SAFETY: addr/len describe a live mapping; vec has one byte per page.
         let rc = unsafe { libc::mincore(addr as *mut _, len as usize, vec.as_mut_ptr()) };
         assert_eq!(rc, 0);
-        let resident = vec.iter().filter(|b| **b & 1 != 0).count();
-        assert_eq!(resident, 1, "only the touched page is resident");
-        assert!(create(0).is_err());
-        assert!(create(4095).is_err());
-        assert!(create(amsvm_abi::layout::MAX_RAM + 4096).is_err());
+        vec.chunks(512).map(|c| c.iter().filter(|b| **b & 1 != 0).count()).collect()
+    }
+
+    /// AnonHugePages (kB) of the mapping that starts at `addr`, from /proc/self/smaps.
+    fn anon_huge_kb(addr: u64) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{addr:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        lines.next()?;
+        lines.find_map(|l| l.strip_prefix("AnonHugePages:")).map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap())
+    }
+
+    #[test]
+    fn untouched_memory_costs_nothing_and_bad_sizes_fail() {
+        let mem = create(64 << 20, false).unwrap();
+        mem.write_obj(0xabcdu32, GuestAddress(0x1000)).unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xabcd);
+        // mincore: only the page we wrote is resident, whatever the host's THP mode.
+        assert_eq!(resident_per_range(&mem).iter().sum::<usize>(), 1, "only the touched page is resident");
+        assert_eq!(anon_huge_kb(host_ranges(&mem)[0].0), Some(0));
+        assert!(create(0, false).is_err());
+        assert!(create(4095, true).is_err());
+        assert!(create(amsvm_abi::layout::MAX_RAM + 4096, true).is_err());
+    }
+
+    #[test]
+    fn with_huge_pages_a_touch_costs_at_most_its_2_mib_range() {
+        let mem = create(64 << 20, true).unwrap();
+        let (addr, _) = host_ranges(&mem)[0];
+        // Touch one page in ranges 0 and 5; the others stay untouched.
+        mem.write_obj(0xabcdu32, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(0x1234u32, GuestAddress((5 << 21) + 0x3000)).unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xabcd);
+        assert_eq!(mem.read_obj::<u32>(GuestAddress((5 << 21) + 0x3000)).unwrap(), 0x1234);
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 0, "the rest of a huge page reads as zeros");
+        let r = resident_per_range(&mem);
+        assert!(r[0] >= 1 && r[5] >= 1, "{r:?}");
+        assert!(r.iter().enumerate().all(|(i, &n)| n == 0 || i == 0 || i == 5), "untouched ranges cost nothing: {r:?}");
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").is_ok_and(|s| !s.contains("[never]"));
+        // The kernel aligns a mapping of whole 2 MiB to 2 MiB when it does huge pages.
+        if thp && addr.is_multiple_of(2 << 20) {
+            assert_eq!((r[0], r[5]), (512, 512), "each touched range is one huge page");
+            assert_eq!(anon_huge_kb(addr), Some(4096));
+        } else {
+            eprintln!("transparent huge pages are off on this host (or the mapping is unaligned): only the budget was checked");
+            assert_eq!((r[0], r[5]), (1, 1));
+        }
     }
 }

@@ -365,7 +365,7 @@ mod tests {
 
     #[test]
     fn page_tables_and_boot_info_are_written() {
-        let mem = super::super::memory::create(16 << 20).unwrap();
+        let mem = super::super::memory::create(16 << 20, false).unwrap();
         let img = tiny_elf(0x20_0000, 0x3000, 0x20_0000);
         let dev = [DeviceInfo { mmio_base: layout::MMIO_BASE, mmio_size: layout::MMIO_SIZE, device_id: 2, irq: 5 }];
         let spec = BootInfoSpec { partition_id: 3, vcpus: 1, mem_bytes: 16 << 20, image_end: 0, devices: &dev, workload: WorkloadParams::default() };
