@@ -130,6 +130,7 @@ pub fn report(line: &str) {
 pub const QEMU_CPU: &str = "EPYC,+svm,+npt,-cx16";
 
 /// A file in the scenario archive, under /scenario in L1.
+#[derive(Clone)]
 pub struct File {
     pub name: String,
     pub data: Vec<u8>,
@@ -241,7 +242,7 @@ fn attempt(sc: &Scenario) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let initrd = dir.path().join("l1-scenario.cpio");
     let mut files = vec![File { name: "run.sh".into(), data: format!("{PRELUDE}\n{}", sc.script).into_bytes(), mode: 0o755 }];
-    files.extend(sc.files.iter().map(|f| File { name: f.name.clone(), data: f.data.clone(), mode: f.mode }));
+    files.extend(sc.files.iter().cloned());
     let mut image = std::fs::read(&l1.cpio).unwrap_or_else(|e| panic!("{}: {e}", l1.cpio.display()));
     image.extend(newc(&files));
     std::fs::write(&initrd, image).unwrap();
