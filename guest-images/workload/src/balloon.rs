@@ -35,6 +35,9 @@ const CFG_ACTUAL: u64 = 4;
 
 /// Most inflate or deflate buffers per poll, so the workload keeps running.
 pub const BATCHES_PER_POLL: u32 = 8;
+/// The device status (for DEVICE_NEEDS_RESET) is read at the first poll and every this
+/// many after: each read is an exit, and a device that needs a reset is rare.
+const STATUS_EVERY: u32 = 8;
 /// Most pages one free-page report descriptor covers (4 MiB, Linux's largest report).
 const REPORT_RUN_PAGES: u64 = 1024;
 /// A request that takes longer than this is a device error.
@@ -117,6 +120,8 @@ pub struct Balloon {
     failed: bool,
     /// The driver went silent on purpose ([`Balloon::go_silent`]).
     silent: bool,
+    /// Polls so far (see [`STATUS_EVERY`]).
+    polls: u32,
     pub counters: Counters,
 }
 
@@ -134,6 +139,7 @@ impl Balloon {
             mem_bytes: 0,
             failed: false,
             silent: false,
+            polls: 0,
             counters: Counters { inflated: 0, deflated: 0, reported: 0, stats_served: 0 },
         }
     }
@@ -253,19 +259,22 @@ impl Balloon {
         }
     }
 
-    /// One round of driver work: follow the target, serve the statistics.
-    pub fn poll(&mut self) {
+    /// One round of driver work: follow the target, serve the statistics. Returns
+    /// whether it moved pages (then the target is not reached yet, or was just changed).
+    pub fn poll(&mut self) -> bool {
         if self.silent {
-            return;
+            return false;
         }
-        if let Err(e) = self.try_poll() {
+        self.try_poll().unwrap_or_else(|e| {
             self.fail(e);
-        }
+            false
+        })
     }
 
-    fn try_poll(&mut self) -> Result<(), Error> {
-        let Some(dev) = self.dev.as_mut() else { return Ok(()) };
-        if dev.mmio.status() & status::DEVICE_NEEDS_RESET != 0 {
+    fn try_poll(&mut self) -> Result<bool, Error> {
+        let Some(dev) = self.dev.as_mut() else { return Ok(false) };
+        self.polls = self.polls.wrapping_add(1);
+        if self.polls % STATUS_EVERY == 1 && dev.mmio.status() & status::DEVICE_NEEDS_RESET != 0 {
             return Err(Error::Virtio("device", virtio::Error::NeedsReset));
         }
         // Nothing is in flight on these queues: anything used there is unexpected.
@@ -277,12 +286,14 @@ impl Balloon {
         // One aligned 32-bit field: a single read is consistent without ConfigGeneration
         // (two exits fewer per poll).
         let target = dev.mmio.read(virtio::reg::CONFIG + CFG_NUM_PAGES);
+        let mut moved = false;
         for _ in 0..BATCHES_PER_POLL {
             let (first_pfn, count, inflate) = match self.loans.next_step(target, PFNS_PER_PAGE) {
                 Step::Done => break,
                 Step::Inflate { first_pfn, count } => (first_pfn, count, true),
                 Step::Deflate { first_pfn, count } => (first_pfn, count, false),
             };
+            moved = true;
             for k in 0..count {
                 // SAFETY: k < 1024 le32 entries of the PFN page (reserved, see `start`).
                 // PFNs of RAM below 3 GiB fit in 32 bits.
@@ -322,7 +333,7 @@ impl Balloon {
                 self.refill_stats();
             }
         }
-        Ok(())
+        Ok(moved)
     }
 
     /// Writes fresh statistics into the buffer and makes it available on statsq.

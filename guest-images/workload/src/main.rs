@@ -222,15 +222,21 @@ fn finish(p: &Progress, accesses: u64, ms: u64, device_error: bool) -> ! {
     platform::exit(status, p)
 }
 
-/// TSC cycles between two balloon polls (3–10 ms at 1–3 GHz): a guest that pages hard
-/// makes few accesses per second, and its balloon must still answer promptly, as an
-/// interrupt-driven driver would. A poll costs two exits (status and target reads);
-/// polling every 2 M cycles cost 5 % of the workload's throughput (measured at 1x).
+/// TSC cycles between two balloon polls while the balloon moves pages (3–10 ms at 1–3
+/// GHz): a guest that pages hard makes few accesses per second, and its balloon must
+/// still answer promptly, as an interrupt-driven driver would.
 const BALLOON_POLL_CYCLES: u64 = 10_000_000;
+/// TSC cycles between two polls once a poll found the target reached (13–40 ms). A poll
+/// costs an exit (the target read; the status read is rarer, see `balloon.rs`), and
+/// exits are dear here: polling every 2 M cycles cost 5 % of the workload's throughput,
+/// and the 10 M-cycle poll still cost 7–9 % at 1x (pooled partitions with the balloon
+/// ignored against cooperating, `amsvm run`, 20 s).
+const BALLOON_IDLE_POLL_CYCLES: u64 = 40_000_000;
 
 /// The access loop: returns the number of accesses made. The balloon driver is polled
-/// whenever [`BALLOON_POLL_CYCLES`] passed (checked every 64 accesses with rdtsc, which
-/// costs no exit).
+/// whenever [`BALLOON_POLL_CYCLES`] (or, after a poll that moved nothing,
+/// [`BALLOON_IDLE_POLL_CYCLES`]) passed, checked every 64 accesses with rdtsc, which
+/// costs no exit.
 fn run(plan: &Plan, p: &mut Progress, t0: u64, balloon: &mut Balloon) -> u64 {
     let w = &plan.w;
     let n = plan.n;
@@ -254,6 +260,7 @@ fn run(plan: &Plan, p: &mut Progress, t0: u64, balloon: &mut Balloon) -> u64 {
     let latency_from = if w.measure_latency != 0 { w.latency_from } else { u64::MAX };
     // SAFETY: rdtsc has no memory effects; CPL3 may use it (CR4.TSD is clear).
     let mut last_poll = unsafe { core::arch::x86_64::_rdtsc() };
+    let mut poll_every = BALLOON_POLL_CYCLES;
     let mut busy = plan.busy_at(platform::clock_ns());
     while accesses < plan.max_accesses {
         // Quiet: the first `quiet` pages only; the rest of the working set cools down.
@@ -273,8 +280,8 @@ fn run(plan: &Plan, p: &mut Progress, t0: u64, balloon: &mut Balloon) -> u64 {
         if accesses.is_multiple_of(64) && balloon.started() {
             // SAFETY: as above.
             let now = unsafe { core::arch::x86_64::_rdtsc() };
-            if now.wrapping_sub(last_poll) >= BALLOON_POLL_CYCLES {
-                balloon.poll();
+            if now.wrapping_sub(last_poll) >= poll_every {
+                poll_every = if balloon.poll() { BALLOON_POLL_CYCLES } else { BALLOON_IDLE_POLL_CYCLES };
                 last_poll = now;
             }
         }
