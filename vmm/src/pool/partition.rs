@@ -546,10 +546,12 @@ impl PartitionPool {
                 // Real zero-filled frames even for a read: a shared zero page would not
                 // be a frame now, but the guest's first write to it would take one
                 // behind the pool's back (a copy-on-write the pool never sees).
+                // Counted before the copy wakes the guest: whoever sees it run on sees
+                // the fault counted (the counters are read while the partition runs).
+                self.metrics.zero_fills.fetch_add(run as u64, Relaxed);
                 // SAFETY: the run is registered guest memory in Transit, claimed by this
                 // thread: no one else installs pages there; ZERO holds `len` bytes.
                 let r = unsafe { self.uffd.copy(ZERO.as_ptr().cast(), page_addr as *mut _, len, true) };
-                self.metrics.zero_fills.fetch_add(run as u64, Relaxed);
                 r.map(|_| ()).map_err(|e| format!("installing zero pages: {e}"))
             }
             State::Out => {
@@ -567,11 +569,13 @@ impl PartitionPool {
                         return;
                     }
                     Ok(()) => {
-                        // SAFETY: as above; buf holds `len` bytes.
-                        let r = unsafe { self.uffd.copy(buf.as_ptr().cast(), page_addr as *mut _, len, true) };
+                        // Counted before the copy wakes the guest, as above (the time is
+                        // the page-in's up to its install).
                         self.metrics.hpi.fetch_add(1, Relaxed);
                         self.metrics.cluster_reads.fetch_add(run as u64 - 1, Relaxed);
                         self.metrics.hpit_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+                        // SAFETY: as above; buf holds `len` bytes.
+                        let r = unsafe { self.uffd.copy(buf.as_ptr().cast(), page_addr as *mut _, len, true) };
                         r.map(|_| ()).map_err(|e| format!("installing paged-in pages: {e}"))
                     }
                 }
