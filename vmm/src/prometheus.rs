@@ -122,13 +122,13 @@ pub fn exposition(s: &Snapshot) -> String {
     w.family(
         "amsvm_partition_huge_collapses_total",
         "counter",
-        "2 MiB ranges of resident memory collapsed into huge pages (pool huge_pages).",
+        "2 MiB ranges of resident memory collapsed into huge pages (pool, huge_pages).",
         per(&|p| p.huge_collapses as f64),
     );
     w.family(
         "amsvm_partition_huge_fills_total",
         "counter",
-        "First touches served with a whole 2 MiB huge page (pool huge_pages).",
+        "First touches served with a whole 2 MiB huge page (pool, huge_pages).",
         per(&|p| p.huge_fills as f64),
     );
     w.family("amsvm_partition_yielding", "gauge", "1 while its vCPUs yield their CPU (thrashing).", per(&|p| f64::from(u8::from(p.yielding))));

@@ -55,7 +55,7 @@ pub fn register(vm: &kvm_ioctls::VmFd, mem: &GuestMemory, dirty_log: bool) -> Re
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use vm_memory::Bytes;
 
@@ -72,7 +72,7 @@ mod tests {
     /// AnonHugePages (kB) of the mapping that holds `addr`, from /proc/self/smaps. The
     /// kernel may have merged it with a neighbouring mapping of the same kind (tests run
     /// in parallel), so this is an upper bound for our own.
-    fn anon_huge_kb(addr: u64) -> u64 {
+    pub(crate) fn anon_huge_kb(addr: u64) -> u64 {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         let mut inside = false;
         for line in smaps.lines() {

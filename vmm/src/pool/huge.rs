@@ -1,4 +1,4 @@
-//! Huge pages for resident memory (`[pool] huge_pages`, on by default).
+//! Huge pages for resident memory in a pool (`huge_pages`, on by default).
 //!
 //! The pool grants, pages and counts guest memory in 4 KiB pages. A guest access
 //! backed by a 2 MiB host page costs less (KVM maps it with one large entry; on this
@@ -40,18 +40,12 @@ pub const INTERVAL: Duration = Duration::from_millis(250);
 /// Most collapses per round (each copies 2 MiB: 2 to 4 ms here).
 pub const PER_ROUND: usize = 64;
 
-/// `madvise` advice: collapse the range into huge pages now (Linux 6.1).
-const MADV_COLLAPSE: libc::c_int = 25;
-
 /// What is known of one 2 MiB range: the collapser saw it wholly resident at its last
 /// look; it was made a huge page; a page was installed in it (after which it has page
 /// tables, and a huge page can no longer be moved in).
 pub(super) const SEEN_FULL: u8 = 1;
 pub(super) const HUGE: u8 = 2;
 pub(super) const TOUCHED: u8 = 4;
-
-/// `madvise` advice: fault the range in, writable (Linux 5.14).
-const MADV_POPULATE_WRITE: libc::c_int = 23;
 
 /// Where a partition's fault handler makes the huge page of a whole first touch: 2 MiB
 /// of address space, aligned, asking for a huge page; empty between fills (the page is
@@ -88,7 +82,7 @@ impl HugeArea {
     /// Fill the area with zeroed memory: a huge page when the kernel has one.
     pub(super) fn populate(&self) -> std::io::Result<()> {
         // SAFETY: advice on the area, which this HugeArea owns.
-        if unsafe { libc::madvise(self.0 as *mut _, PAGES * 4096, MADV_POPULATE_WRITE) } == 0 {
+        if unsafe { libc::madvise(self.0 as *mut _, PAGES * 4096, libc::MADV_POPULATE_WRITE) } == 0 {
             Ok(())
         } else {
             Err(std::io::Error::last_os_error())
@@ -166,7 +160,7 @@ impl PartitionPool {
             }
             // SAFETY: advice on this partition's guest memory, mapped while `alive` is
             // held; MADV_COLLAPSE keeps every page's contents.
-            let rc = unsafe { libc::madvise(self.addr(r * PAGES) as *mut _, PAGES * 4096, MADV_COLLAPSE) };
+            let rc = unsafe { libc::madvise(self.addr(r * PAGES) as *mut _, PAGES * 4096, libc::MADV_COLLAPSE) };
             let mut track = self.huge.lock().unwrap_or_else(|e| e.into_inner());
             if rc == 0 {
                 done += usize::from(!was_huge);

@@ -169,7 +169,7 @@ pub struct Pool {
     /// Measurement mode (`amsvm bench pool`): faults are served with a zero page at once,
     /// with no budget, table or pager — the bare userfaultfd round trip.
     raw: bool,
-    /// `[pool] huge_pages`: wholly resident 2 MiB ranges become huge pages (see `huge`).
+    /// `huge_pages`: wholly resident 2 MiB ranges become huge pages (see `huge`).
     huge_pages: AtomicBool,
 }
 

@@ -294,7 +294,7 @@ impl PartitionPool {
         self.order.load(Relaxed)
     }
 
-    /// Its pool backs resident 2 MiB ranges with huge pages (`[pool] huge_pages`).
+    /// Its pool backs resident 2 MiB ranges with huge pages (`huge_pages`).
     pub fn huge_pages(&self) -> bool {
         self.pool.huge_pages()
     }

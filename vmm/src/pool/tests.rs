@@ -492,26 +492,9 @@ fn protect_keeps_whole_the_working_sets_that_fit_and_the_last_one_yields() {
     assert!(pool.metrics.peak_resident.load(Relaxed) <= 96);
 }
 
-/// AnonHugePages (kB) of the mapping that holds `addr`, from /proc/self/smaps.
-fn anon_huge_kb(addr: u64) -> u64 {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let mut inside = false;
-    for line in smaps.lines() {
-        if let Some((range, _)) = line.split_once(' ').filter(|(r, _)| r.contains('-') && !r.ends_with(':')) {
-            let (lo, hi) = range.split_once('-').unwrap();
-            let (lo, hi) = (u64::from_str_radix(lo, 16).unwrap_or(0), u64::from_str_radix(hi, 16).unwrap_or(0));
-            inside = (lo..hi).contains(&addr);
-        } else if inside {
-            if let Some(v) = line.strip_prefix("AnonHugePages:") {
-                return v.trim().trim_end_matches("kB").trim().parse().unwrap();
-            }
-        }
-    }
-    0
-}
-
 #[test]
 fn huge_pages_come_in_whole_page_out_page_by_page_and_collapse_again() {
+    use crate::kvm::memory::tests::anon_huge_kb;
     // The host may not do transparent huge pages at all; then only the contents and the
     // accounting are checked.
     let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").is_ok_and(|s| !s.contains("[never]"));
